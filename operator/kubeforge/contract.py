@@ -1,0 +1,38 @@
+"""The runtime <-> operator contract: names both sides must agree on, in one place.
+
+The operator renders pods with these env vars, mounts and annotations; the runtime inside the pods reads
+them. Neither side spells these strings anywhere else.
+"""
+
+from __future__ import annotations
+
+# Operator -> pod
+ENV_JOB = "KUBEFORGE_JOB"  # "<namespace>/<name>" of the owning job
+ENV_JOB_KIND = "KUBEFORGE_JOB_KIND"  # PretrainJob | ContextExtensionJob | RLJob | InferenceDeployment
+ENV_SPEC_FILE = "KUBEFORGE_SPEC_FILE"  # path of the resolved job (JSON) mounted from a ConfigMap
+ENV_ATTEMPT = "KUBEFORGE_ATTEMPT"  # gang attempt number, 0-based
+ENV_POD_NAME = "KUBEFORGE_POD_NAME"  # downward API metadata.name
+ENV_POD_NAMESPACE = "KUBEFORGE_POD_NAMESPACE"  # downward API metadata.namespace
+ENV_POD_IP = "KUBEFORGE_POD_IP"  # downward API status.podIP
+ENV_PROGRESS_MODE = "KUBEFORGE_PROGRESS"  # "pod-annotation" (default in cluster) | "file:<path>" | "off"
+ENV_TERMINATION_LOG = "KUBEFORGE_TERMINATION_LOG"  # defaults to /dev/termination-log
+
+SPEC_MOUNT_DIR = "/etc/kubeforge"
+SPEC_FILE_NAME = "job.json"
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+
+# Pod -> operator
+# rank 0 patches this annotation on its own pod with JSON (see kubeforge.runtime.report.Progress)
+PROGRESS_ANNOTATION = "kubeforge.dev/progress"
+
+# Labels on every child object
+LABEL_JOB_NAME = "kubeforge.dev/job-name"
+LABEL_JOB_KIND = "kubeforge.dev/job-kind"
+LABEL_ROLE = "kubeforge.dev/role"
+LABEL_REPLICA_INDEX = "kubeforge.dev/replica-index"
+LABEL_ATTEMPT = "kubeforge.dev/attempt"
+
+# Runtime exit codes the operator interprets (sysexits.h where one fits)
+EXIT_OK = 0
+EXIT_INVALID_SPEC = 78  # EX_CONFIG: the spec is wrong; retrying cannot help -> job Failed at once
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped on request after writing a checkpoint
