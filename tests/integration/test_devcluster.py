@@ -1,0 +1,396 @@
+"""The dev cluster behaves like Kubernetes where kubeforge relies on it: pod lifecycle and exit codes,
+termination messages, graceful deletion, Deployments with readiness probes, garbage collection, GPU
+scheduling, cluster DNS, and in-cluster API access with a ServiceAccount token under RBAC.
+
+Runs against $KUBECONFIG when set, else against a dev cluster the `cluster` fixture starts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubeforge.devcluster.podenv import expand, map_arg, map_path
+from kubeforge.devcluster.testing import ClusterHandle, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _core(cluster: ClusterHandle) -> Any:
+    from kubernetes import client
+
+    return client.CoreV1Api(cluster.api_client())
+
+
+def _pod(name: str, code: str, **spec: Any) -> dict[str, Any]:
+    container: dict[str, Any] = {"name": "main", "image": "python:3.11", "command": ["python", "-c", code]}
+    container.update(spec.pop("container", {}))
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": spec.pop("labels", {})},
+        "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 10, "containers": [container], **spec},
+    }
+
+
+def _wait_phase(core: Any, ns: str, name: str, phases: tuple[str, ...], timeout: float = 60) -> Any:
+    return wait_for(lambda: (p := core.read_namespaced_pod(name, ns)).status.phase in phases and p,
+                    timeout, what=f"pod {ns}/{name} in {phases}")
+
+
+def _events(core: Any, ns: str, name: str) -> list[Any]:
+    evs = core.list_namespaced_event(ns, field_selector=f"involvedObject.name={name}").items
+    return list(evs)
+
+
+def _gone(core: Any, ns: str, name: str) -> bool:
+    from kubernetes.client.rest import ApiException
+
+    try:
+        core.read_namespaced_pod(name, ns)
+        return False
+    except ApiException as e:
+        return e.status == 404
+
+
+# ---------------------------------------------------------------------------------------------- pure parts
+
+
+@pytest.mark.parametrize(
+    ("value", "env", "out"),
+    [("$(A)-$(B)", {"A": "1"}, "1-$(B)"), ("$$(A)", {"A": "1"}, "$(A)"), ("x$$y", {}, "x$y")],
+)
+def test_var_expansion(value: str, env: dict[str, str], out: str) -> None:
+    assert expand(value, env) == out
+
+
+def test_path_mapping() -> None:
+    m = {"/etc/kubeforge": "/s/v/spec", "/etc/kubeforge/x": "/s/v/x", "/dev/termination-log": "/s/t"}
+    assert map_path("/etc/kubeforge/job.json", m) == "/s/v/spec/job.json"
+    assert map_path("/etc/kubeforge/x/a", m) == "/s/v/x/a"
+    assert map_path("/etc/kubeforgey", m) == "/etc/kubeforgey"
+    assert map_arg("--spec=/etc/kubeforge/job.json", m) == "--spec=/s/v/spec/job.json"
+    assert map_arg("/dev/termination-log", m) == "/s/t"
+
+
+# ---------------------------------------------------------------------------------------------- pods
+
+
+def test_pod_succeeds_and_logs(cluster: ClusterHandle, namespace: str) -> None:
+    core = _core(cluster)
+    code = "import os, socket; print('hello from', os.environ['HOSTNAME'], socket.gethostname())"
+    core.create_namespaced_pod(namespace, _pod("ok", code))
+    pod = _wait_phase(core, namespace, "ok", ("Succeeded", "Failed"))
+    assert pod.status.phase == "Succeeded"
+    st = pod.status.container_statuses[0]
+    assert st.state.terminated.exit_code == 0
+    assert st.state.terminated.reason == "Completed"
+    assert pod.status.pod_ip.startswith("127.0.")
+    assert pod.spec.node_name.startswith("kubeforge-node-")
+    conds = {c.type: c.status for c in pod.status.conditions}
+    assert conds["PodScheduled"] == "True" and conds["Initialized"] == "True" and conds["Ready"] == "False"
+    if cluster.state_dir is not None:
+        assert "hello from ok ok" in cluster.pod_log(namespace, "ok")
+
+
+def test_pod_fails_with_exit_code_and_termination_message(cluster: ClusterHandle, namespace: str) -> None:
+    core = _core(cluster)
+    code = textwrap.dedent("""
+        import json, sys
+        with open('/dev/termination-log', 'w') as f:
+            f.write(json.dumps({'error': 'bad spec'}))
+        sys.exit(3)
+    """)
+    init = {"name": "init", "image": "busybox", "command": ["python", "-c", "print('init ran')"]}
+    core.create_namespaced_pod(namespace, _pod("bad", code, initContainers=[init]))
+    pod = _wait_phase(core, namespace, "bad", ("Succeeded", "Failed"))
+    assert pod.status.phase == "Failed"
+    term = pod.status.container_statuses[0].state.terminated
+    assert term.exit_code == 3
+    assert term.reason == "Error"
+    assert json.loads(term.message) == {"error": "bad spec"}
+    assert pod.status.init_container_statuses[0].state.terminated.exit_code == 0
+
+
+def test_restart_on_failure_counts_restarts(cluster: ClusterHandle, namespace: str) -> None:
+    """OnFailure restarts a failing container; a file in an emptyDir survives the restart."""
+    core = _core(cluster)
+    code = textwrap.dedent("""
+        import os, sys
+        p = '/scratch/count'
+        n = int(open(p).read()) if os.path.exists(p) else 0
+        open(p, 'w').write(str(n + 1))
+        sys.exit(0 if n >= 1 else 1)
+    """)
+    pod = _pod("retry", code, restartPolicy="OnFailure", volumes=[{"name": "scratch", "emptyDir": {}}],
+               container={"volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]})
+    core.create_namespaced_pod(namespace, pod)
+    p = _wait_phase(core, namespace, "retry", ("Succeeded", "Failed"), timeout=60)
+    assert p.status.phase == "Succeeded"
+    st = p.status.container_statuses[0]
+    assert st.restart_count == 1
+    assert st.last_state.terminated.exit_code == 1
+
+
+def test_delete_sends_sigterm_then_removes_pod(cluster: ClusterHandle, namespace: str, tmp_path: Path) -> None:
+    core = _core(cluster)
+    marker = tmp_path / "got-sigterm"
+    code = textwrap.dedent(f"""
+        import signal, sys, time
+        def on_term(signum, frame):
+            open({str(marker)!r}, 'w').write('SIGTERM')
+            sys.exit(143)
+        signal.signal(signal.SIGTERM, on_term)
+        print('ready', flush=True)
+        while True:
+            time.sleep(0.1)
+    """)
+    core.create_namespaced_pod(namespace, _pod("victim", code))
+    _wait_phase(core, namespace, "victim", ("Running",))
+    time.sleep(0.5)  # let the handler be installed
+    t0 = time.monotonic()
+    core.delete_namespaced_pod("victim", namespace)
+    wait_for(lambda: _gone(core, namespace, "victim"), 30, what="pod removed")
+    assert marker.read_text() == "SIGTERM"
+    assert time.monotonic() - t0 < 10  # exited on SIGTERM, not after the grace period
+
+
+def test_missing_secret_keeps_pod_waiting(cluster: ClusterHandle, namespace: str) -> None:
+    core = _core(cluster)
+    env = [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "nope", "key": "k"}}}]
+    core.create_namespaced_pod(namespace, _pod("cfgerr", "print(1)", container={"env": env}))
+
+    def waiting() -> Any:
+        p = core.read_namespaced_pod("cfgerr", namespace)
+        sts = p.status.container_statuses or []
+        return sts and sts[0].state.waiting and sts[0].state.waiting.reason == "CreateContainerConfigError" and p
+
+    p = wait_for(waiting, 30, what="CreateContainerConfigError")
+    assert p.status.phase == "Pending"
+
+
+def test_env_volumes_and_downward_api(cluster: ClusterHandle, namespace: str) -> None:
+    from kubernetes import client
+
+    core = _core(cluster)
+    core.create_namespaced_config_map(namespace, client.V1ConfigMap(
+        metadata=client.V1ObjectMeta(name="spec"), data={"job.json": '{"steps": 7}', "MODE": "fast"}))
+    code = textwrap.dedent("""
+        import json, os
+        spec = json.load(open('/etc/kubeforge/job.json'))
+        labels = open('/etc/podinfo/labels').read()
+        assert spec == {'steps': 7}, spec
+        assert 'role="worker"' in labels, labels
+        assert os.environ['MODE'] == 'fast'
+        assert os.environ['CFG_MODE'] == 'fast'
+        assert os.environ['AWS_ENDPOINT_URL'].startswith('http')
+        assert os.environ['POD_IP'].startswith('127.0.'), os.environ['POD_IP']
+        assert os.environ['ROLE'] == 'worker'
+        assert os.environ['WHO'] == 'env-' + os.environ['POD_NAME']
+        assert os.environ['GPUS'] == '1', os.environ['GPUS']
+        assert os.path.isfile(os.environ['SPEC_FILE'])
+        assert os.getcwd().endswith('/work'), os.getcwd()
+        print('all good')
+    """)
+    container = {
+        "workingDir": "/work",
+        "envFrom": [{"configMapRef": {"name": "spec"}}, {"secretRef": {"name": "kubeforge-s3"}},
+                    {"prefix": "CFG_", "configMapRef": {"name": "spec"}}],
+        "env": [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": "ROLE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['role']"}}},
+            {"name": "WHO", "value": "env-$(POD_NAME)"},
+            {"name": "GPUS", "valueFrom": {"resourceFieldRef": {"resource": "limits.nvidia.com/gpu"}}},
+            {"name": "SPEC_FILE", "value": "/etc/kubeforge/job.json"},
+        ],
+        "resources": {"limits": {"nvidia.com/gpu": "1"}},
+        "volumeMounts": [{"name": "spec", "mountPath": "/etc/kubeforge"},
+                         {"name": "podinfo", "mountPath": "/etc/podinfo"},
+                         {"name": "work", "mountPath": "/work"}],
+    }
+    volumes = [
+        {"name": "spec", "configMap": {"name": "spec", "items": [{"key": "job.json", "path": "job.json"}]}},
+        {"name": "podinfo", "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}},
+        {"name": "work", "emptyDir": {}},
+    ]
+    core.create_namespaced_pod(namespace, _pod("envs", code, container=container, volumes=volumes,
+                                               labels={"role": "worker"}))
+    p = _wait_phase(core, namespace, "envs", ("Succeeded", "Failed"))
+    assert p.status.phase == "Succeeded", cluster.pod_log(namespace, "envs")
+
+
+# ---------------------------------------------------------------------------------------------- controllers
+
+
+def _http_server_container(port: int) -> dict[str, Any]:
+    return {
+        "name": "web", "image": "python:3.11",
+        "command": ["python", "-m", "http.server", str(port), "--bind", "$(POD_IP)"],
+        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+        "ports": [{"name": "http", "containerPort": port}],
+        "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
+    }
+
+
+def test_deployment_gets_ready_pods(cluster: ClusterHandle, namespace: str) -> None:
+    from kubernetes import client
+
+    apps = client.AppsV1Api(cluster.api_client())
+    core = _core(cluster)
+    dep = {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}},
+                         "spec": {"terminationGracePeriodSeconds": 5, "containers": [_http_server_container(8080)]}},
+        },
+    }
+    apps.create_namespaced_deployment(namespace, dep)
+    wait_for(lambda: (apps.read_namespaced_deployment("web", namespace).status.ready_replicas or 0) == 2, 90,
+             what="2 ready replicas")
+    pods = core.list_namespaced_pod(namespace, label_selector="app=web").items
+    assert len(pods) == 2
+    assert len({p.status.pod_ip for p in pods}) == 2  # same port, different pod IPs
+    # Deleting the owner garbage-collects ReplicaSet and pods (background propagation).
+    apps.delete_namespaced_deployment("web", namespace)
+    wait_for(lambda: not core.list_namespaced_pod(namespace, label_selector="app=web").items, 60,
+             what="pods garbage-collected")
+    assert not apps.list_namespaced_replica_set(namespace).items
+
+
+def test_owner_deletion_garbage_collects_children(cluster: ClusterHandle, namespace: str) -> None:
+    from kubernetes import client
+
+    core = _core(cluster)
+    owner = core.create_namespaced_config_map(namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="owner")))
+    ref = {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner.metadata.uid}
+    child = _pod("child", "import time; time.sleep(600)")
+    child["metadata"]["ownerReferences"] = [ref]
+    core.create_namespaced_pod(namespace, child)
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "child-cm", "ownerReferences": [ref]}})
+    _wait_phase(core, namespace, "child", ("Running",))
+    core.delete_namespaced_config_map("owner", namespace)
+    wait_for(lambda: _gone(core, namespace, "child"), 60, what="child pod collected")
+    wait_for(lambda: not [c for c in core.list_namespaced_config_map(namespace).items
+                          if c.metadata.name == "child-cm"], 30, what="child ConfigMap collected")
+
+
+def test_gpu_requests_are_scheduled_against_node_allocatable(cluster: ClusterHandle, namespace: str) -> None:
+    core = _core(cluster)
+    gpus = lambda n: {"resources": {"limits": {"nvidia.com/gpu": str(n)}}}  # noqa: E731
+    core.create_namespaced_pod(namespace, _pod("two-gpus", "print('ok')", container=gpus(2)))
+    core.create_namespaced_pod(namespace, _pod("three-gpus", "print('never')", container=gpus(3)))
+    assert _wait_phase(core, namespace, "two-gpus", ("Succeeded",)).spec.node_name
+
+    def failed_scheduling() -> Any:
+        return [e for e in _events(core, namespace, "three-gpus")
+                if e.reason == "FailedScheduling" and "Insufficient nvidia.com/gpu" in (e.message or "")]
+
+    wait_for(failed_scheduling, 60, what="FailedScheduling event")
+    p = core.read_namespaced_pod("three-gpus", namespace)
+    assert p.status.phase == "Pending" and not p.spec.node_name
+
+
+# ---------------------------------------------------------------------------------------------- networking
+
+
+def test_dns_headless_hostname_and_service_http(cluster: ClusterHandle, namespace: str) -> None:
+    core = _core(cluster)
+    for name, cluster_ip in (("workers", "None"), ("web", None)):
+        svc: dict[str, Any] = {"metadata": {"name": name}, "spec": {
+            "selector": {"app": "dns-server"}, "ports": [{"name": "http", "port": 8000, "targetPort": 8000}]}}
+        if cluster_ip:
+            svc["spec"]["clusterIP"] = cluster_ip
+        core.create_namespaced_service(namespace, svc)
+    server = {"apiVersion": "v1", "kind": "Pod",
+              "metadata": {"name": "server-0", "labels": {"app": "dns-server"}},
+              "spec": {"hostname": "server-0", "subdomain": "workers", "terminationGracePeriodSeconds": 2,
+                       "containers": [_http_server_container(8000)]}}
+    core.create_namespaced_pod(namespace, server)
+    ready = wait_for(lambda: (p := core.read_namespaced_pod("server-0", namespace)).status.container_statuses
+                     and p.status.container_statuses[0].ready and p, 60, what="server ready")
+    code = textwrap.dedent(f"""
+        import socket, urllib.request
+        ns = {namespace!r}
+        want = {ready.status.pod_ip!r}
+        for host in ('server-0.workers.' + ns + '.svc.cluster.local', 'server-0.workers.' + ns + '.svc',
+                     'server-0.workers', 'workers', 'web', 'web.' + ns):
+            got = socket.gethostbyname(host)
+            assert got == want, (host, got, want)
+        body = urllib.request.urlopen('http://server-0.workers:8000/', timeout=5).read()
+        assert b'Directory listing' in body, body[:200]
+        try:
+            socket.gethostbyname('nothing-here.' + ns + '.svc.cluster.local')
+            raise SystemExit('resolved a name that does not exist')
+        except socket.gaierror:
+            pass
+        assert socket.gethostbyname('kubernetes.default.svc') == '127.0.0.1'
+        print('dns ok')
+    """)
+    core.create_namespaced_pod(namespace, _pod("client", code))
+    p = _wait_phase(core, namespace, "client", ("Succeeded", "Failed"))
+    assert p.status.phase == "Succeeded", cluster.pod_log(namespace, "client")
+
+
+def test_in_cluster_client_patches_own_pod_under_rbac(cluster: ClusterHandle, namespace: str) -> None:
+    from kubernetes import client
+
+    api = cluster.api_client()
+    core = client.CoreV1Api(api)
+    rbac = client.RbacAuthorizationV1Api(api)
+    core.create_namespaced_service_account(namespace, {"metadata": {"name": "reporter"}})
+    rbac.create_namespaced_role(namespace, {"metadata": {"name": "reporter"}, "rules": [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}]})
+    rbac.create_namespaced_role_binding(namespace, {
+        "metadata": {"name": "reporter"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "reporter"},
+        "subjects": [{"kind": "ServiceAccount", "name": "reporter", "namespace": namespace}]})
+    wait_for(lambda: core.read_namespaced_service_account("reporter", namespace).secrets, 30, what="SA token")
+    code = textwrap.dedent("""
+        import json, os
+        from kubernetes import client, config
+        from kubernetes.client.rest import ApiException
+        config.load_incluster_config()
+        ns = open('/var/run/secrets/kubernetes.io/serviceaccount/namespace').read()
+        core = client.CoreV1Api()
+        body = {'metadata': {'annotations': {'kubeforge.dev/progress': json.dumps({'step': 5})}}}
+        core.patch_namespaced_pod(os.environ['POD_NAME'], ns, body)
+        try:
+            core.list_namespaced_secret(ns)
+            raise SystemExit('RBAC let a pod list secrets')
+        except ApiException as e:
+            assert e.status == 403, e.status
+        print('patched')
+    """)
+    env = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+    core.create_namespaced_pod(namespace, _pod("reporter", code, serviceAccountName="reporter",
+                                               container={"env": env}))
+    p = _wait_phase(core, namespace, "reporter", ("Succeeded", "Failed"))
+    assert p.status.phase == "Succeeded", cluster.pod_log(namespace, "reporter")
+    assert json.loads(p.metadata.annotations["kubeforge.dev/progress"]) == {"step": 5}
+
+
+def test_s3_bucket_and_secret(cluster: ClusterHandle, namespace: str) -> None:
+    s3 = cluster.s3_client()
+    s3.put_object(Bucket=cluster.s3_bucket, Key=f"{namespace}/hello.txt", Body=b"hi")
+    assert s3.get_object(Bucket=cluster.s3_bucket, Key=f"{namespace}/hello.txt")["Body"].read() == b"hi"
+    sec = _core(cluster).read_namespaced_secret("kubeforge-s3", namespace)
+    assert set(sec.data) >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
+
+
+def test_start_process_helper(cluster: ClusterHandle, tmp_path: Path) -> None:
+    """The generic process helper (used for the operator) runs argv with KUBECONFIG pointing here."""
+    out = tmp_path / "out.txt"
+    code = f"import os, time; open({str(out)!r}, 'w').write(os.environ['KUBECONFIG']); time.sleep(60)"
+    with cluster.start_process([sys.executable, "-c", code], name="probe-process"):
+        wait_for(out.exists, 20, what="process output")
+    assert out.read_text() == str(cluster.kubeconfig)
