@@ -1,0 +1,151 @@
+"""Status shared by the kinds: phase, metav1-shaped conditions, progress, checkpoint and output."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .base import StatusModel
+
+# Condition types. kstatus (Argo CD, Flux) reads Ready / Reconciling / Stalled; the rest describe jobs.
+READY = "Ready"
+RECONCILING = "Reconciling"
+STALLED = "Stalled"
+ADMITTED = "Admitted"
+RUNNING = "Running"
+SUSPENDED = "Suspended"
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+
+JobPhase = Literal["Pending", "Queued", "Starting", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
+ServingPhase = Literal["Pending", "WaitingForModel", "Progressing", "Ready", "Degraded", "Failed"]
+
+
+class Condition(StatusModel):
+    """A condition shaped like metav1.Condition."""
+
+    type: str
+    """Condition type, e.g. Ready, Reconciling, Stalled, Admitted, Running, Succeeded, Failed."""
+    status: Literal["True", "False", "Unknown"]
+    """True, False or Unknown."""
+    reason: str = Field(default="Unknown", max_length=1024)
+    """CamelCase machine-readable reason for the last transition."""
+    message: str = Field(default="", max_length=32768)
+    """Human-readable details."""
+    last_transition_time: str = ""
+    """RFC 3339 time the status last changed."""
+    observed_generation: int | None = None
+    """metadata.generation this condition was computed from."""
+
+
+class Progress(StatusModel):
+    """Training progress as reported by rank 0."""
+
+    step: int | None = None
+    """Optimizer steps done."""
+    total_steps: int | None = None
+    """Optimizer steps planned."""
+    tokens: int | None = None
+    """Training tokens consumed."""
+    loss: float | None = None
+    """Latest training loss."""
+    tokens_per_second: float | None = None
+    """Recent training throughput over the whole gang."""
+    percent: int | None = None
+    """step / totalSteps in percent."""
+    eta: str | None = None
+    """Estimated time left, e.g. 1h02m."""
+    stage: int | None = None
+    """Current stage index (ContextExtensionJob)."""
+    reward: float | None = None
+    """Mean reward of the latest batch (RLJob)."""
+    updated_at: str | None = None
+    """When rank 0 last reported."""
+
+
+class CheckpointRef(StatusModel):
+    """The newest committed checkpoint."""
+
+    uri: str
+    """s3:// URI of the step directory."""
+    step: int
+    """Step it was taken at."""
+    time: str | None = None
+    """When its manifest was committed."""
+
+
+class Output(StatusModel):
+    """What the finished job produced."""
+
+    uri: str
+    """s3:// URI of the Hugging Face-format model directory."""
+
+
+class JobStatus(StatusModel):
+    """Observed state of a training job."""
+
+    phase: JobPhase | None = None
+    """Pending, Queued, Starting, Running, Restarting, Suspended, Succeeded or Failed."""
+    conditions: list[Condition] = Field(default_factory=list)
+    """Latest observations; Ready/Reconciling/Stalled follow kstatus."""
+    observed_generation: int | None = None
+    """metadata.generation the status reflects."""
+    attempt: int = 0
+    """Current gang attempt (the pods' kubeforge.dev/attempt label)."""
+    restarts: int = 0
+    """Gang restarts spent after failures (preemptions excluded)."""
+    preemptions: int = 0
+    """Times the gang was stopped by eviction, suspension or a scheduling timeout."""
+    start_time: str | None = None
+    """When the first gang started running."""
+    completion_time: str | None = None
+    """When the job succeeded or failed."""
+    gang_created_at: str | None = None
+    """When the current gang's pods were created (for the builtin gang timeout)."""
+    backoff_until: str | None = None
+    """No new gang is created before this time."""
+    resolved_model_uri: str | None = None
+    """The model URI after resolving model.from."""
+    progress: Progress | None = None
+    """Progress reported by rank 0."""
+    last_checkpoint: CheckpointRef | None = None
+    """Newest committed checkpoint."""
+    output: Output | None = None
+    """Finished model."""
+    message: str | None = None
+    """Short human summary of the current state."""
+
+
+class PoolStatus(StatusModel):
+    """Observed state of one serving pool."""
+
+    replicas: int = 0
+    """Pods that exist."""
+    ready_replicas: int = 0
+    """Pods ready to serve."""
+    desired_replicas: int = 0
+    """Replicas the operator (or its autoscaler) wants."""
+    last_scale_time: str | None = None
+    """When the autoscaler last changed desiredReplicas."""
+
+
+class ServingStatus(StatusModel):
+    """Observed state of an InferenceDeployment."""
+
+    phase: ServingPhase | None = None
+    """Pending, WaitingForModel, Progressing, Ready, Degraded or Failed."""
+    conditions: list[Condition] = Field(default_factory=list)
+    """Latest observations; Ready is True only when a request can be served."""
+    observed_generation: int | None = None
+    """metadata.generation the status reflects."""
+    resolved_model_uri: str | None = None
+    """The model URI after resolving model.from."""
+    endpoint: str | None = None
+    """In-cluster base URL of the OpenAI-compatible API."""
+    ready_pools: str | None = None
+    """Ready pools over pools, e.g. 2/2."""
+    pools: dict[str, PoolStatus] = Field(default_factory=dict)
+    """Per pool (aggregated, prefill, decode, router) replica counts."""
+    message: str | None = None
+    """Short human summary of the current state."""
