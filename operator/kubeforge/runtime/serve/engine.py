@@ -104,6 +104,9 @@ class Engine:
                  dtype: str = "float32"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
         self.torch = torch
         self.model_dir = model_dir
@@ -161,6 +164,9 @@ class Engine:
         self.m_kv_failed = r.counter(m.KV_FETCH_FAILED, "KV fetches that failed.", ["model_name", "reason"])
         self.m_kv_served = r.counter(m.KV_SERVED, "KV caches handed to decode engines.", ["model_name"])
         self.m_kv_bytes = r.counter("kubeforge:kv_transfer_bytes_total", "KV bytes sent.", ["model_name"])
+        for c in (self.m_prompt, self.m_gen, self.m_prefill_computed, self.m_kv_fetched,
+                  self.m_kv_fetched_tokens, self.m_kv_served, self.m_kv_bytes):
+            c.inc(0, model_name=self.name)  # present from the start, so rates and deltas work
         r.gauge("kubeforge:kv_store_entries", "KV caches waiting to be fetched.", ["model_name"],
                 fn=lambda: {lbl: len(self.store)})
         r.gauge("kubeforge:kv_store_expired_total", "KV caches dropped unfetched (TTL or bound).",
@@ -457,29 +463,35 @@ def build_app(engine: Engine, request_timeout: float = 600.0) -> Starlette:
         rid_header = request.headers.get("x-request-id") or uuid.uuid4().hex
         rid = ("chatcmpl-" if api == "chat" else "cmpl-") + rid_header
         kv_entry = None
-        engine.open_requests += 1
-        try:
-            if kvp.get("do_remote_prefill"):
-                try:
-                    kv_entry = await engine.fetch_kv(state["client"], kvp)
-                    check_compatible(kv_entry, ids, engine.sig)
-                    engine.m_kv_fetched.inc(model_name=engine.name)
-                except KVTransferError as e:
-                    engine.m_kv_failed.inc(model_name=engine.name,
-                                           reason="incompatible" if "prompt" in str(e) or "shape" in str(e)
-                                           else "fetch")
-                    kv_entry = None
-                    if engine.policy == "fail":
-                        log.warning("request %s: %s (policy fail)", rid, e)
-                        return error_response(502, f"KV cache transfer failed: {e}", "kv_transfer_error")
-                    log.warning("request %s: %s; recomputing the prefill locally", rid, e)
-        except BaseException:
-            engine.open_requests -= 1
-            raise
+        engine.open_requests += 1  # counted from here so a drain waits for KV fetches too
+        if kvp.get("do_remote_prefill"):
+            try:
+                kv_entry = await engine.fetch_kv(state["client"], kvp)
+                check_compatible(kv_entry, ids, engine.sig)
+                engine.m_kv_fetched.inc(model_name=engine.name)
+            except KVTransferError as e:
+                kv_entry = None
+                reason = "incompatible" if e.args and str(e).startswith("KV cache") else "fetch"
+                engine.m_kv_failed.inc(model_name=engine.name, reason=reason)
+                if engine.policy == "fail":
+                    log.warning("request %s: %s (policy fail)", rid, e)
+                    engine.open_requests -= 1
+                    return error_response(502, f"KV cache transfer failed: {e}", "kv_transfer_error")
+                log.warning("request %s: %s; recomputing the prefill locally", rid, e)
+            except BaseException:
+                engine.open_requests -= 1
+                raise
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+
+        def emit(ev) -> None:  # called on the worker thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, ev)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                pass
+
         seq = Sequence(rid=rid, prompt_ids=ids, params=params, remote_decode=remote_decode, kv=kv_entry,
-                       emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+                       emit=emit)
         engine.submit(seq)
         created = int(time.time())
         stream = bool(body.get("stream")) and not remote_decode

@@ -1,0 +1,344 @@
+"""The prefill/decode router over real HTTP: reference engines and echo backends on loopback."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+from kubeforge.runtime.serve import metrics as m
+from kubeforge.runtime.serve.autoscale import parse_router_metrics
+from kubeforge.runtime.serve.discovery import FileDiscovery, KubernetesDiscovery, StaticDiscovery, wait_for
+from kubeforge.runtime.serve.echo import build_app as echo_app
+from kubeforge.runtime.serve.router import Router, RouterConfig, build_app
+from kubeforge.runtime.serve.testing import ThreadServer, engine_proc, free_port
+
+NAME = "tiny"
+PROMPT = "Disaggregated serving splits the prompt pass from token generation."
+MESSAGES = [{"role": "user", "content": "Tell me about prefill and decode pools, briefly."}]
+
+
+def router_server(pools=None, discovery=None, **cfg) -> ThreadServer:
+    cfg.setdefault("scrape_interval", 0.2)
+    r = Router(discovery or StaticDiscovery(pools or {}), RouterConfig(**cfg))
+    srv = ThreadServer(build_app(r)).start()
+    srv.router = r
+    return srv
+
+
+def metric(url: str, name: str, **labels) -> float:
+    return m.sum_samples(m.parse_text(httpx.get(url + "/metrics").text), name, **labels)
+
+
+def sse_events(resp: httpx.Response) -> list:
+    out = []
+    for line in resp.iter_lines():
+        if line.startswith("data: "):
+            data = line[6:]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def dead_url() -> str:
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there: a pod that is gone
+
+
+# ------------------------------------------------------------------------------------ with real engines
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from kubeforge.runtime.tinymodel import save_tiny_model
+
+    torch.set_num_threads(1)
+    return str(save_tiny_model(tmp_path_factory.mktemp("serve-router") / "model", seed=5))
+
+
+@pytest.fixture(scope="module")
+def engines(model_dir):
+    from kubeforge.runtime.serve.engine import Engine
+    from kubeforge.runtime.serve.engine import build_app as engine_app
+
+    servers = {}
+    for role in ("both", "prefill", "decode"):
+        srv = ThreadServer(None)
+        eng = Engine(model_dir, NAME, role=role, advertise_host="127.0.0.1", port=srv.port)
+        srv.server.config.app = engine_app(eng)
+        srv.engine = eng
+        servers[role] = srv.start()
+    yield servers
+    for s in servers.values():
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def routers(engines):
+    pd = router_server({"prefill": [engines["prefill"].url], "decode": [engines["decode"].url]})
+    agg = router_server({"decode": [engines["both"].url]})
+    yield pd, agg
+    pd.stop()
+    agg.stop()
+
+
+def _text(api: str, j: dict) -> str:
+    c = j["choices"][0]
+    return c["text"] if api == "/v1/completions" else c["message"]["content"]
+
+
+def _stream_text(api: str, events: list) -> str:
+    out = ""
+    for e in events[:-1]:
+        c = e["choices"][0]
+        out += (c.get("text") or "") if api == "/v1/completions" else (c["delta"].get("content") or "")
+    return out
+
+
+@pytest.mark.parametrize("api,extra", [("/v1/completions", {"prompt": PROMPT}),
+                                       ("/v1/chat/completions", {"messages": MESSAGES})])
+def test_disaggregated_equals_aggregated_equals_generate(model_dir, engines, routers, api, extra):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pd, agg = routers
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    if api == "/v1/completions":
+        ids = tok.encode(PROMPT)
+    else:
+        ids = tok.encode(tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False),
+                         add_special_tokens=False)
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
+    want = tok.decode(out[0, len(ids):], skip_special_tokens=True)
+
+    dec = engines["decode"].url
+    computed0, fetched0 = metric(dec, m.PREFILL_TOKENS_COMPUTED), metric(dec, m.KV_FETCHED)
+    body = {"model": NAME, "max_tokens": 16, "temperature": 0, **extra}
+    got = {}
+    for label, srv in (("pd", pd), ("agg", agg)):
+        r = httpx.post(srv.url + api, json=body, headers={"X-Request-Id": f"t-{label}"}, timeout=30)
+        assert r.status_code == 200, r.text
+        got[label] = _text(api, r.json())
+        assert r.json()["id"].endswith(f"t-{label}")  # the client's request id reached the engine
+        with httpx.stream("POST", srv.url + api, json={**body, "stream": True}, timeout=30) as s:
+            assert s.status_code == 200
+            ev = sse_events(s)
+        assert ev[-1] == "[DONE]"
+        got[label + "-stream"] = _stream_text(api, ev)
+    assert set(got.values()) == {want}, got
+    # The decode engine continued from transferred caches: it recomputed no prompt token.
+    assert metric(dec, m.KV_FETCHED) == fetched0 + 2
+    assert metric(dec, m.PREFILL_TOKENS_COMPUTED) == computed0
+
+
+def test_prefill_leg_retried_on_another_pod(engines):
+    rt = router_server({"prefill": [dead_url(), engines["prefill"].url], "decode": [engines["decode"].url]},
+                       prefill_fallback=False)
+    try:
+        served0 = metric(engines["prefill"].url, m.KV_SERVED)
+        for _ in range(3):
+            r = httpx.post(rt.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0},
+                           timeout=30)
+            assert r.status_code == 200, r.text
+        assert metric(engines["prefill"].url, m.KV_SERVED) == served0 + 3
+        assert metric(rt.url, m.R_ERRORS, pool="prefill", reason="connect") >= 1
+        assert metric(rt.url, m.R_RETRIES, pool="prefill") >= 1
+    finally:
+        rt.stop()
+
+
+def test_all_prefill_down_falls_back_or_503(engines):
+    body = {"prompt": PROMPT, "max_tokens": 5, "temperature": 0}
+    want = httpx.post(engines["both"].url + "/v1/completions", json=body, timeout=30).json()["choices"][0]["text"]
+    rt = router_server({"prefill": [dead_url()], "decode": [engines["decode"].url]})
+    strict = router_server({"prefill": [dead_url()], "decode": [engines["decode"].url]}, prefill_fallback=False)
+    try:
+        t0 = time.monotonic()
+        r = httpx.post(rt.url + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+        assert metric(rt.url, m.R_PREFILL_SKIPPED, reason="prefill_unavailable") == 1
+        r = httpx.post(strict.url + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+        assert time.monotonic() - t0 < 10
+    finally:
+        rt.stop()
+        strict.stop()
+
+
+def test_short_prompt_skips_prefill(engines):
+    rt = router_server({"prefill": [engines["prefill"].url], "decode": [engines["decode"].url]},
+                       prefill_threshold_tokens=10)
+    try:
+        served0 = metric(engines["prefill"].url, m.KV_SERVED)
+        computed0 = metric(engines["decode"].url, m.PREFILL_TOKENS_COMPUTED)
+        r = httpx.post(rt.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3, "temperature": 0},
+                       timeout=30)
+        assert r.status_code == 200
+        assert metric(engines["prefill"].url, m.KV_SERVED) == served0
+        assert metric(engines["decode"].url, m.PREFILL_TOKENS_COMPUTED) == computed0 + 2  # prefilled locally
+        assert metric(rt.url, m.R_PREFILL_SKIPPED, reason="short_prompt") == 1
+        r = httpx.post(rt.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "temperature": 0},
+                       timeout=30)  # ~17 tokens by chars/4: goes through prefill
+        assert r.status_code == 200 and metric(engines["prefill"].url, m.KV_SERVED) == served0 + 1
+    finally:
+        rt.stop()
+
+
+def test_decode_killed_mid_stream_ends_cleanly(model_dir, engines, tmp_path):
+    victim = engine_proc(model_dir, role="decode", name=NAME, log_path=str(tmp_path / "victim.log")).wait()
+    rt = router_server({"prefill": [engines["prefill"].url], "decode": [victim.url]}, read_timeout=5,
+                       connect_timeout=1)
+    try:
+        body = {"model": NAME, "prompt": PROMPT, "max_tokens": 400, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        t0 = time.monotonic()
+        with httpx.stream("POST", rt.url + "/v1/completions", json=body, timeout=30) as s:
+            assert s.status_code == 200
+            lines = s.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            victim.kill()
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert time.monotonic() - t0 < 10
+        assert rest[-1] == "data: [DONE]"
+        err = json.loads(rest[-2][6:])
+        assert err["error"]["code"] in (502, 504)
+        # Later requests get a clean error at once, not a hang.
+        t1 = time.monotonic()
+        r = httpx.post(rt.url + "/v1/completions", json={**body, "stream": False}, timeout=30)
+        assert r.status_code in (502, 503) and "error" in r.json()
+        assert time.monotonic() - t1 < 5
+        assert metric(rt.url, m.R_ERRORS, pool="decode", reason="stream_broken") == 1
+    finally:
+        victim.stop()
+        rt.stop()
+
+
+def test_router_metrics_feed_autoscaler(engines, routers):
+    pd, _ = routers
+    with httpx.stream("POST", pd.url + "/v1/completions",
+                      json={"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "stream": True}, timeout=30) as s:
+        sse_events(s)
+    time.sleep(0.5)  # one engine scrape
+    sig = parse_router_metrics(httpx.get(pd.url + "/metrics").text)
+    assert sig["prefill"].replicas == 1 and sig["decode"].replicas == 1
+    assert sig["prefill"].ttft_recent is not None and sig["prefill"].ttft_recent > 0
+    assert sig["decode"].itl_recent is not None
+    assert sig["decode"].in_flight == 0 and sig["decode"].requests_total >= 1
+    text = httpx.get(pd.url + "/metrics").text
+    assert f'{m.R_TTFT}_count{{pool="prefill"}}' in text and f'{m.R_ITL}_count{{pool="decode"}}' in text
+
+
+# ------------------------------------------------------------------------------------ with echo backends
+
+@pytest.fixture()
+def echoes():
+    servers = []
+
+    def make(delay=0.0, name="echo"):
+        srv = ThreadServer(None)
+        srv.server.config.app = echo_app(name, delay, srv.port)
+        servers.append(srv.start())
+        return srv
+
+    yield make
+    for s in servers:
+        s.stop()
+
+
+def test_least_outstanding_spreads_load(echoes):
+    a, b = echoes(delay=0.05), echoes(delay=0.05)
+    rt = router_server({"decode": [a.url, b.url]})
+    try:
+        ts = [threading.Thread(target=httpx.post, args=(rt.url + "/v1/completions",),
+                               kwargs={"json": {"prompt": "x", "max_tokens": 4}, "timeout": 30}) for _ in range(10)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        na = metric(a.url, "kubeforge:echo_requests_total")
+        nb = metric(b.url, "kubeforge:echo_requests_total")
+        assert na + nb == 10 and abs(na - nb) <= 2, (na, nb)
+    finally:
+        rt.stop()
+
+
+def test_decode_that_hangs_times_out(echoes):
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)  # accepts connections, never answers
+    hang = f"http://127.0.0.1:{lsock.getsockname()[1]}"
+    p = echoes()
+    rt = router_server({"prefill": [p.url], "decode": [hang]}, read_timeout=1, request_timeout=1.5,
+                       scrape_interval=0)
+    try:
+        t0 = time.monotonic()
+        r = httpx.post(rt.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}, timeout=30)
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+        r = httpx.post(rt.url + "/v1/chat/completions", json={"messages": MESSAGES, "stream": True}, timeout=30)
+        assert r.status_code == 504
+        assert time.monotonic() - t0 < 6
+    finally:
+        rt.stop()
+        lsock.close()
+
+
+def test_file_discovery_follows_pods(tmp_path, echoes):
+    a, b = echoes(name="a"), echoes(name="b")
+    f = tmp_path / "endpoints.json"
+    f.write_text(json.dumps({"decode": [a.url]}))
+    rt = router_server(discovery=FileDiscovery(str(f), interval=0.05))
+    try:
+        assert httpx.get(rt.url + "/health").json()["endpoints"] == {"prefill": 0, "decode": 1}
+        f.write_text(json.dumps({"prefill": [a.url], "decode": [b.url]}))
+        assert wait_for(rt.router.discovery, lambda s: s.get("prefill") == [a.url])
+        r = httpx.post(rt.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 3}, timeout=10)
+        assert r.status_code == 200
+        assert metric(a.url, "kubeforge:echo_requests_total", leg="prefill") == 1
+        assert metric(b.url, "kubeforge:echo_requests_total", leg="decode") == 1
+        f.write_text(json.dumps({"decode": []}))
+        assert wait_for(rt.router.discovery, lambda s: s.get("decode") == [])
+        r = httpx.post(rt.url + "/v1/completions", json={"prompt": PROMPT}, timeout=10)
+        assert r.status_code == 503
+        assert httpx.get(rt.url + "/ready").status_code == 503
+    finally:
+        rt.stop()
+
+
+def _pod(name, ip, ready=True, phase="Running", deleting=False):
+    return SimpleNamespace(
+        metadata=SimpleNamespace(name=name, deletion_timestamp="now" if deleting else None),
+        status=SimpleNamespace(phase=phase, pod_ip=ip,
+                               conditions=[SimpleNamespace(type="Ready", status="True" if ready else "False")]))
+
+
+def test_kubernetes_discovery_keeps_ready_pods():
+    d = KubernetesDiscovery("ns", {"prefill": "role=prefill", "decode": "role=decode"}, 8000)
+    d.apply_event("decode", "ADDED", _pod("d0", "10.0.0.1", ready=False))
+    assert d.snapshot()["decode"] == []
+    d.apply_event("decode", "MODIFIED", _pod("d0", "10.0.0.1"))
+    d.apply_event("decode", "ADDED", _pod("d1", "10.0.0.2"))
+    d.apply_event("prefill", "ADDED", _pod("p0", "10.0.1.1"))
+    assert d.snapshot() == {"prefill": ["http://10.0.1.1:8000"],
+                            "decode": ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]}
+    d.apply_event("decode", "MODIFIED", _pod("d1", "10.0.0.2", deleting=True))  # terminating: out at once
+    d.apply_event("prefill", "DELETED", _pod("p0", "10.0.1.1"))
+    assert d.snapshot() == {"prefill": [], "decode": ["http://10.0.0.1:8000"]}
+
+
+def test_bad_requests_and_models(echoes):
+    a = echoes()
+    rt = router_server({"decode": [a.url]})
+    try:
+        r = httpx.post(rt.url + "/v1/completions", content=b"{not json", timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+        assert httpx.get(rt.url + "/v1/models").json()["data"][0]["id"] == "echo"
+        assert httpx.get(rt.url + "/health").status_code == 200
+    finally:
+        rt.stop()
