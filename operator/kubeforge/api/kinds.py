@@ -12,6 +12,7 @@ from .common import (
     DataSource,
     ModelSource,
     Name,
+    ObjectRef,
     OptimizerSpec,
     ParallelismSpec,
     PodTemplate,
@@ -107,6 +108,8 @@ class SequenceParallelSpec(ApiModel):
     """ring attention, its load-balanced zigzag variant, or ulysses all-to-all over heads."""
     degree: int = Field(default=1, ge=1, le=1024)
     """Processes one sequence is split over; divides the world size."""
+    num_attention_heads: int | None = Field(default=None, ge=1)
+    """The model's attention heads, so ulysses (which splits heads) is checked at admission too."""
 
 
 class NeedleEval(ApiModel):
@@ -179,11 +182,14 @@ class AlgorithmSpec(ApiModel):
     """Prompts per learner step (each expanded to groupSize completions)."""
 
 
+BUILTIN_CHECKS = ("exact_match", "contains", "math_answer", "json_valid", "regex_match")
+
+
 class VerifiableReward(ApiModel):
     """A programmatic check of each completion."""
 
     check: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9_]*$", max_length=64)
-    """Name of a built-in check, e.g. exact_match, math_answer, json_schema."""
+    """Built-in check: exact_match, contains, math_answer, json_valid or regex_match."""
     entrypoint: str | None = Field(
         default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", max_length=256
     )
@@ -195,8 +201,8 @@ class RewardModelSource(ApiModel):
 
     uri: S3Uri | None = None
     """s3:// URI of a Hugging Face sequence-classification model."""
-    from_: dict[str, str] | None = Field(default=None, alias="from")
-    """The output of another kubeforge job (kind, name)."""
+    from_: ObjectRef | None = Field(default=None, alias="from")
+    """The finished output of another kubeforge job in this namespace."""
 
 
 class JudgeSpec(ApiModel):
