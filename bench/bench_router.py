@@ -22,25 +22,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
 
-import httpx  # noqa: E402
+import httpx
 
-from kubeforge.runtime.serve.testing import Proc, engine_proc, free_port  # noqa: E402
+from kubeforge.runtime.serve.testing import Proc, engine_proc, free_port
 
 
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     if not xs:
         return float("nan")
-    k = min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))
+    k = min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))
     return xs[k]
 
 
-async def load(url: str, body: dict, n: int, concurrency: int, max_seconds: float) -> tuple[list[float], float]:
+async def load(
+    url: str, body: dict, n: int, concurrency: int, max_seconds: float
+) -> tuple[list[float], float]:
     lat: list[float] = []
     errors = 0
     sem = asyncio.Semaphore(concurrency)
     deadline = time.monotonic() + max_seconds
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency * 2)) as c:
+
         async def one():
             nonlocal errors
             async with sem:
@@ -62,13 +65,18 @@ async def load(url: str, body: dict, n: int, concurrency: int, max_seconds: floa
 
 
 def row(label: str, lat: list[float], wall: float) -> str:
-    return (f"{label:<22} n={len(lat):<5} p50={pct(lat, .5) * 1e3:8.2f} ms  p99={pct(lat, .99) * 1e3:8.2f} ms  "
-            f"mean={statistics.fmean(lat) * 1e3 if lat else float('nan'):8.2f} ms  {len(lat) / wall:8.1f} req/s")
+    return (
+        f"{label:<22} n={len(lat):<5} p50={pct(lat, 0.5) * 1e3:8.2f} ms  p99={pct(lat, 0.99) * 1e3:8.2f} ms  "
+        f"mean={statistics.fmean(lat) * 1e3 if lat else float('nan'):8.2f} ms  {len(lat) / wall:8.1f} req/s"
+    )
 
 
 def run_case(name: str, direct: str, routed: str, args) -> None:
-    body = {"prompt": "Benchmarking the kubeforge router on loopback.", "max_tokens": args.max_tokens,
-            "temperature": 0}
+    body = {
+        "prompt": "Benchmarking the kubeforge router on loopback.",
+        "max_tokens": args.max_tokens,
+        "temperature": 0,
+    }
     # Warm up both paths (connections, first forward pass).
     asyncio.run(load(direct, body, 4, 2, 30))
     asyncio.run(load(routed, body, 4, 2, 30))
@@ -76,7 +84,9 @@ def run_case(name: str, direct: str, routed: str, args) -> None:
     # Alternate halves so drift (thermal, caches) hits both sides alike.
     for rnd in range(2):
         for label, url in (("direct", direct), ("router", routed)):
-            lat, wall = asyncio.run(load(url, body, args.requests // 2, args.concurrency, args.max_seconds / 4))
+            lat, wall = asyncio.run(
+                load(url, body, args.requests // 2, args.concurrency, args.max_seconds / 4)
+            )
             prev = results.get(label, ([], 0.0))
             results[label] = (prev[0] + lat, prev[1] + wall)
     print(f"\n== {name}: max_tokens={args.max_tokens} concurrency={args.concurrency}")
@@ -84,14 +94,19 @@ def run_case(name: str, direct: str, routed: str, args) -> None:
         print(row(label, *results[label]))
     d, r = results["direct"][0], results["router"][0]
     if d and r:
-        print(f"{'router-added':<22} p50={(pct(r, .5) - pct(d, .5)) * 1e3:+8.2f} ms  "
-              f"p99={(pct(r, .99) - pct(d, .99)) * 1e3:+8.2f} ms")
+        print(
+            f"{'router-added':<22} p50={(pct(r, 0.5) - pct(d, 0.5)) * 1e3:+8.2f} ms  "
+            f"p99={(pct(r, 0.99) - pct(d, 0.99)) * 1e3:+8.2f} ms"
+        )
 
 
 def router_proc(args_extra: list[str]) -> Proc:
     port = free_port()
-    return Proc("kubeforge.runtime.serve.router",
-                ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *args_extra], port)
+    return Proc(
+        "kubeforge.runtime.serve.router",
+        ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *args_extra],
+        port,
+    )
 
 
 def main() -> None:

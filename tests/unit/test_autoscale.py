@@ -112,8 +112,10 @@ def test_decode_surge_scales_decode_and_leaves_prefill():
 
 
 def test_prefill_queue_scales_prefill_only():
-    sig = {"prefill": PoolSignal("prefill", replicas=1, queue_depth=9.0, in_flight=10),
-           "decode": PoolSignal("decode", replicas=2, in_flight=8.0)}
+    sig = {
+        "prefill": PoolSignal("prefill", replicas=1, queue_depth=9.0, in_flight=10),
+        "decode": PoolSignal("decode", replicas=2, in_flight=8.0),
+    }
     policies = {"prefill": PoolPolicy(1, 4, "", 2.0), "decode": PoolPolicy(1, 8, "", 4.0)}
     out = plan(sig, policies, {"prefill": PoolState(1), "decode": PoolState(2)}, NOW)
     assert out == {"prefill": 4, "decode": 2}

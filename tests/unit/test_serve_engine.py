@@ -13,11 +13,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from kubeforge.runtime.serve import metrics as m  # noqa: E402
-from kubeforge.runtime.serve.engine import Engine, build_app  # noqa: E402
-from kubeforge.runtime.serve.kvcache import KVStore  # noqa: E402
-from kubeforge.runtime.serve.testing import ThreadServer, engine_proc  # noqa: E402
-from kubeforge.runtime.tinymodel import save_tiny_model  # noqa: E402
+from kubeforge.runtime.serve import metrics as m
+from kubeforge.runtime.serve.engine import Engine, build_app
+from kubeforge.runtime.serve.kvcache import KVStore
+from kubeforge.runtime.serve.testing import ThreadServer, engine_proc
+from kubeforge.runtime.tinymodel import save_tiny_model
 
 NAME = "tiny"
 PROMPT = "The quick brown fox jumps over"
@@ -39,9 +39,14 @@ def reference(model_dir):
 
     def generate(ids: list[int], n: int) -> str:
         with torch.inference_mode():
-            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
-        return tok.decode(out[0, len(ids):], skip_special_tokens=True)
+            out = model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=n,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+        return tok.decode(out[0, len(ids) :], skip_special_tokens=True)
 
     def completion(prompt: str, n: int) -> str:
         return generate(tok.encode(prompt), n)
@@ -55,8 +60,15 @@ def reference(model_dir):
 
 def _server(model_dir, role, policy="fail", ttl=60.0):
     srv = ThreadServer(None)
-    eng = Engine(model_dir, NAME, role=role, kv_load_failure_policy=policy, advertise_host="127.0.0.1",
-                 port=srv.port, kv_store=KVStore(ttl=ttl))
+    eng = Engine(
+        model_dir,
+        NAME,
+        role=role,
+        kv_load_failure_policy=policy,
+        advertise_host="127.0.0.1",
+        port=srv.port,
+        kv_store=KVStore(ttl=ttl),
+    )
     srv.server.config.app = build_app(eng)
     srv.engine = eng
     return srv.start()
@@ -85,14 +97,23 @@ def sse_events(resp: httpx.Response) -> list:
     return out
 
 
-PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
-                  "remote_block_ids": None, "remote_host": None, "remote_port": None}
+PREFILL_PARAMS = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
 
 
 def test_completions_greedy_matches_generate(engines, reference):
     both, _, _ = engines
-    r = httpx.post(both.url + "/v1/completions",
-                   json={"model": NAME, "prompt": PROMPT, "max_tokens": 12, "temperature": 0}, timeout=30)
+    r = httpx.post(
+        both.url + "/v1/completions",
+        json={"model": NAME, "prompt": PROMPT, "max_tokens": 12, "temperature": 0},
+        timeout=30,
+    )
     assert r.status_code == 200, r.text
     j = r.json()
     assert j["object"] == "text_completion" and j["model"] == NAME
@@ -104,8 +125,14 @@ def test_completions_greedy_matches_generate(engines, reference):
 
 def test_streaming_completions_and_chat(engines, reference):
     both, _, _ = engines
-    body = {"model": NAME, "prompt": PROMPT, "max_tokens": 10, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": NAME,
+        "prompt": PROMPT,
+        "max_tokens": 10,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with httpx.stream("POST", both.url + "/v1/completions", json=body, timeout=30) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         ev = sse_events(r)
@@ -123,21 +150,28 @@ def test_streaming_completions_and_chat(engines, reference):
     text = "".join(e["choices"][0]["delta"].get("content") or "" for e in ev[:-1])
     assert text == reference[1](MESSAGES, 9)
 
-    r = httpx.post(both.url + "/v1/chat/completions",
-                   json={"model": NAME, "messages": MESSAGES, "max_tokens": 9, "temperature": 0}, timeout=30)
+    r = httpx.post(
+        both.url + "/v1/chat/completions",
+        json={"model": NAME, "messages": MESSAGES, "max_tokens": 9, "temperature": 0},
+        timeout=30,
+    )
     assert r.json()["choices"][0]["message"] == {"role": "assistant", "content": text}
 
 
 def test_disaggregated_kv_handoff_equals_aggregated(engines, reference):
-    both, prefill, decode = engines
+    _, prefill, decode = engines
     computed_before = metric(decode.url, m.PREFILL_TOKENS_COMPUTED)
     for api, extra, ref in (
         ("/v1/completions", {"prompt": PROMPT}, reference[0](PROMPT, 14)),
         ("/v1/chat/completions", {"messages": MESSAGES}, reference[1](MESSAGES, 14)),
     ):
         body = {"model": NAME, "max_tokens": 14, "temperature": 0, **extra}
-        p = httpx.post(prefill.url + api, json={**body, "max_tokens": 1, "kv_transfer_params": PREFILL_PARAMS},
-                       headers={"X-Request-Id": "req-1"}, timeout=30)
+        p = httpx.post(
+            prefill.url + api,
+            json={**body, "max_tokens": 1, "kv_transfer_params": PREFILL_PARAMS},
+            headers={"X-Request-Id": "req-1"},
+            timeout=30,
+        )
         assert p.status_code == 200, p.text
         kv = p.json()["kv_transfer_params"]
         assert kv["do_remote_prefill"] is True and kv["do_remote_decode"] is False
@@ -145,8 +179,12 @@ def test_disaggregated_kv_handoff_equals_aggregated(engines, reference):
         assert (kv["remote_host"], kv["remote_port"]) == ("127.0.0.1", prefill.port)
         assert len(kv["remote_block_ids"]) == 1
         assert p.json()["usage"]["completion_tokens"] == 1
-        d = httpx.post(decode.url + api, json={**body, "kv_transfer_params": kv},
-                       headers={"X-Request-Id": "req-1"}, timeout=30)
+        d = httpx.post(
+            decode.url + api,
+            json={**body, "kv_transfer_params": kv},
+            headers={"X-Request-Id": "req-1"},
+            timeout=30,
+        )
         assert d.status_code == 200, d.text
         got = d.json()["choices"][0]
         assert (got.get("text") if "text" in got else got["message"]["content"]) == ref
@@ -160,8 +198,14 @@ def test_disaggregated_kv_handoff_equals_aggregated(engines, reference):
 
 def test_kv_load_failure_policies(engines, reference):
     both, prefill, decode = engines
-    bad = {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": "gone",
-           "remote_block_ids": ["nope"], "remote_host": "127.0.0.1", "remote_port": prefill.port}
+    bad = {
+        "do_remote_prefill": True,
+        "do_remote_decode": False,
+        "remote_engine_id": "gone",
+        "remote_block_ids": ["nope"],
+        "remote_host": "127.0.0.1",
+        "remote_port": prefill.port,
+    }
     body = {"model": NAME, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "kv_transfer_params": bad}
     t0 = time.monotonic()
     r = httpx.post(decode.url + "/v1/completions", json=body, timeout=30)
@@ -172,9 +216,17 @@ def test_kv_load_failure_policies(engines, reference):
     assert metric(both.url, m.KV_FETCH_FAILED) >= 1
 
     # A cache for another prompt is refused, not silently used.
-    p = httpx.post(prefill.url + "/v1/completions",
-                   json={"model": NAME, "prompt": "something else", "max_tokens": 1, "temperature": 0,
-                         "kv_transfer_params": PREFILL_PARAMS}, timeout=30).json()["kv_transfer_params"]
+    p = httpx.post(
+        prefill.url + "/v1/completions",
+        json={
+            "model": NAME,
+            "prompt": "something else",
+            "max_tokens": 1,
+            "temperature": 0,
+            "kv_transfer_params": PREFILL_PARAMS,
+        },
+        timeout=30,
+    ).json()["kv_transfer_params"]
     r = httpx.post(decode.url + "/v1/completions", json={**body, "kv_transfer_params": p}, timeout=30)
     assert r.status_code == 502 and "another prompt" in r.json()["error"]["message"]
 
@@ -185,8 +237,9 @@ def test_sampling_with_seed_is_reproducible_and_disaggregates(engines):
     a = httpx.post(both.url + "/v1/completions", json=body, timeout=30).json()["choices"][0]["text"]
     b = httpx.post(both.url + "/v1/completions", json=body, timeout=30).json()["choices"][0]["text"]
     assert a == b
-    kv = httpx.post(prefill.url + "/v1/completions", json={**body, "kv_transfer_params": PREFILL_PARAMS},
-                    timeout=30).json()["kv_transfer_params"]
+    kv = httpx.post(
+        prefill.url + "/v1/completions", json={**body, "kv_transfer_params": PREFILL_PARAMS}, timeout=30
+    ).json()["kv_transfer_params"]
     c = httpx.post(decode.url + "/v1/completions", json={**body, "kv_transfer_params": kv}, timeout=30)
     assert c.json()["choices"][0]["text"] == a
 
@@ -206,14 +259,24 @@ def test_stop_strings_and_metrics(engines, reference):
     both, _, _ = engines
     full = reference[0](PROMPT, 12)
     stop = full[4:6]
-    r = httpx.post(both.url + "/v1/completions",
-                   json={"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "stop": [stop]}, timeout=30).json()
+    r = httpx.post(
+        both.url + "/v1/completions",
+        json={"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "stop": [stop]},
+        timeout=30,
+    ).json()
     assert r["choices"][0]["text"] == full[: full.find(stop)]
     assert r["choices"][0]["finish_reason"] == "stop"
     text = httpx.get(both.url + "/metrics").text
     s = m.parse_text(text)
-    for name in (m.VLLM_WAITING, m.VLLM_RUNNING, m.VLLM_KV_USAGE, m.VLLM_TTFT + "_count",
-                 m.VLLM_ITL + "_count", m.PREFILL_TOKENS_COMPUTED, m.KV_FETCHED):
+    for name in (
+        m.VLLM_WAITING,
+        m.VLLM_RUNNING,
+        m.VLLM_KV_USAGE,
+        m.VLLM_TTFT + "_count",
+        m.VLLM_ITL + "_count",
+        m.PREFILL_TOKENS_COMPUTED,
+        m.KV_FETCHED,
+    ):
         assert m.find_samples(s, name), name
     assert m.sum_samples(s, m.VLLM_TTFT + "_count") >= 1
     assert 'model_name="tiny"' in text
@@ -226,8 +289,11 @@ def test_queue_and_concurrency(engines, reference):
     waiting_seen = []
 
     def go(i):
-        results[i] = httpx.post(both.url + "/v1/completions",
-                                json={"prompt": PROMPT, "max_tokens": 20, "temperature": 0}, timeout=60).json()
+        results[i] = httpx.post(
+            both.url + "/v1/completions",
+            json={"prompt": PROMPT, "max_tokens": 20, "temperature": 0},
+            timeout=60,
+        ).json()
 
     ts = [threading.Thread(target=go, args=(i,)) for i in range(12)]
     for t in ts:
@@ -244,10 +310,18 @@ def test_queue_and_concurrency(engines, reference):
 
 def test_sigterm_drains_in_flight_then_exits(model_dir, tmp_path):
     """Scale-down: SIGTERM refuses new work (readiness 503) but finishes the streams already running."""
-    eng = engine_proc(model_dir, extra=["--drain-timeout", "20"], log_path=str(tmp_path / "engine.log")).wait()
+    eng = engine_proc(
+        model_dir, extra=["--drain-timeout", "20"], log_path=str(tmp_path / "engine.log")
+    ).wait()
     try:
-        body = {"prompt": PROMPT, "max_tokens": 300, "temperature": 0, "stream": True, "ignore_eos": True,
-                "stream_options": {"include_usage": True}}
+        body = {
+            "prompt": PROMPT,
+            "max_tokens": 300,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+            "stream_options": {"include_usage": True},
+        }
         with httpx.stream("POST", eng.url + "/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
             first = next(line for line in lines if line.startswith("data: "))

@@ -50,6 +50,7 @@ def dead_url() -> str:
 
 # ------------------------------------------------------------------------------------ with real engines
 
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     torch = pytest.importorskip("torch")
@@ -99,8 +100,9 @@ def _stream_text(api: str, events: list) -> str:
     return out
 
 
-@pytest.mark.parametrize("api,extra", [("/v1/completions", {"prompt": PROMPT}),
-                                       ("/v1/chat/completions", {"messages": MESSAGES})])
+@pytest.mark.parametrize(
+    "api,extra", [("/v1/completions", {"prompt": PROMPT}), ("/v1/chat/completions", {"messages": MESSAGES})]
+)
 def test_disaggregated_equals_aggregated_equals_generate(model_dir, engines, routers, api, extra):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -111,12 +113,19 @@ def test_disaggregated_equals_aggregated_equals_generate(model_dir, engines, rou
     if api == "/v1/completions":
         ids = tok.encode(PROMPT)
     else:
-        ids = tok.encode(tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False),
-                         add_special_tokens=False)
+        ids = tok.encode(
+            tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False,
+        )
     with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
-    want = tok.decode(out[0, len(ids):], skip_special_tokens=True)
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=16,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+    want = tok.decode(out[0, len(ids) :], skip_special_tokens=True)
 
     dec = engines["decode"].url
     computed0, fetched0 = metric(dec, m.PREFILL_TOKENS_COMPUTED), metric(dec, m.KV_FETCHED)
@@ -139,13 +148,18 @@ def test_disaggregated_equals_aggregated_equals_generate(model_dir, engines, rou
 
 
 def test_prefill_leg_retried_on_another_pod(engines):
-    rt = router_server({"prefill": [dead_url(), engines["prefill"].url], "decode": [engines["decode"].url]},
-                       prefill_fallback=False)
+    rt = router_server(
+        {"prefill": [dead_url(), engines["prefill"].url], "decode": [engines["decode"].url]},
+        prefill_fallback=False,
+    )
     try:
         served0 = metric(engines["prefill"].url, m.KV_SERVED)
         for _ in range(3):
-            r = httpx.post(rt.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0},
-                           timeout=30)
+            r = httpx.post(
+                rt.url + "/v1/completions",
+                json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0},
+                timeout=30,
+            )
             assert r.status_code == 200, r.text
         assert metric(engines["prefill"].url, m.KV_SERVED) == served0 + 3
         assert metric(rt.url, m.R_ERRORS, pool="prefill", reason="connect") >= 1
@@ -156,9 +170,13 @@ def test_prefill_leg_retried_on_another_pod(engines):
 
 def test_all_prefill_down_falls_back_or_503(engines):
     body = {"prompt": PROMPT, "max_tokens": 5, "temperature": 0}
-    want = httpx.post(engines["both"].url + "/v1/completions", json=body, timeout=30).json()["choices"][0]["text"]
+    want = httpx.post(engines["both"].url + "/v1/completions", json=body, timeout=30).json()["choices"][0][
+        "text"
+    ]
     rt = router_server({"prefill": [dead_url()], "decode": [engines["decode"].url]})
-    strict = router_server({"prefill": [dead_url()], "decode": [engines["decode"].url]}, prefill_fallback=False)
+    strict = router_server(
+        {"prefill": [dead_url()], "decode": [engines["decode"].url]}, prefill_fallback=False
+    )
     try:
         t0 = time.monotonic()
         r = httpx.post(rt.url + "/v1/completions", json=body, timeout=30)
@@ -173,19 +191,22 @@ def test_all_prefill_down_falls_back_or_503(engines):
 
 
 def test_short_prompt_skips_prefill(engines):
-    rt = router_server({"prefill": [engines["prefill"].url], "decode": [engines["decode"].url]},
-                       prefill_threshold_tokens=10)
+    rt = router_server(
+        {"prefill": [engines["prefill"].url], "decode": [engines["decode"].url]}, prefill_threshold_tokens=10
+    )
     try:
         served0 = metric(engines["prefill"].url, m.KV_SERVED)
         computed0 = metric(engines["decode"].url, m.PREFILL_TOKENS_COMPUTED)
-        r = httpx.post(rt.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3, "temperature": 0},
-                       timeout=30)
+        r = httpx.post(
+            rt.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3, "temperature": 0}, timeout=30
+        )
         assert r.status_code == 200
         assert metric(engines["prefill"].url, m.KV_SERVED) == served0
         assert metric(engines["decode"].url, m.PREFILL_TOKENS_COMPUTED) == computed0 + 2  # prefilled locally
         assert metric(rt.url, m.R_PREFILL_SKIPPED, reason="short_prompt") == 1
-        r = httpx.post(rt.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "temperature": 0},
-                       timeout=30)  # ~17 tokens by chars/4: goes through prefill
+        r = httpx.post(
+            rt.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "temperature": 0}, timeout=30
+        )  # ~17 tokens by chars/4: goes through prefill
         assert r.status_code == 200 and metric(engines["prefill"].url, m.KV_SERVED) == served0 + 1
     finally:
         rt.stop()
@@ -193,11 +214,18 @@ def test_short_prompt_skips_prefill(engines):
 
 def test_decode_killed_mid_stream_ends_cleanly(model_dir, engines, tmp_path):
     victim = engine_proc(model_dir, role="decode", name=NAME, log_path=str(tmp_path / "victim.log")).wait()
-    rt = router_server({"prefill": [engines["prefill"].url], "decode": [victim.url]}, read_timeout=5,
-                       connect_timeout=1)
+    rt = router_server(
+        {"prefill": [engines["prefill"].url], "decode": [victim.url]}, read_timeout=5, connect_timeout=1
+    )
     try:
-        body = {"model": NAME, "prompt": PROMPT, "max_tokens": 400, "temperature": 0, "stream": True,
-                "ignore_eos": True}
+        body = {
+            "model": NAME,
+            "prompt": PROMPT,
+            "max_tokens": 400,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        }
         t0 = time.monotonic()
         with httpx.stream("POST", rt.url + "/v1/completions", json=body, timeout=30) as s:
             assert s.status_code == 200
@@ -222,8 +250,12 @@ def test_decode_killed_mid_stream_ends_cleanly(model_dir, engines, tmp_path):
 
 def test_router_metrics_feed_autoscaler(engines, routers):
     pd, _ = routers
-    with httpx.stream("POST", pd.url + "/v1/completions",
-                      json={"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "stream": True}, timeout=30) as s:
+    with httpx.stream(
+        "POST",
+        pd.url + "/v1/completions",
+        json={"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "stream": True},
+        timeout=30,
+    ) as s:
         sse_events(s)
     time.sleep(0.5)  # one engine scrape
     sig = parse_router_metrics(httpx.get(pd.url + "/metrics").text)
@@ -236,6 +268,7 @@ def test_router_metrics_feed_autoscaler(engines, routers):
 
 
 # ------------------------------------------------------------------------------------ with echo backends
+
 
 @pytest.fixture()
 def echoes():
@@ -256,8 +289,14 @@ def test_least_outstanding_spreads_load(echoes):
     a, b = echoes(delay=0.05), echoes(delay=0.05)
     rt = router_server({"decode": [a.url, b.url]})
     try:
-        ts = [threading.Thread(target=httpx.post, args=(rt.url + "/v1/completions",),
-                               kwargs={"json": {"prompt": "x", "max_tokens": 4}, "timeout": 30}) for _ in range(10)]
+        ts = [
+            threading.Thread(
+                target=httpx.post,
+                args=(rt.url + "/v1/completions",),
+                kwargs={"json": {"prompt": "x", "max_tokens": 4}, "timeout": 30},
+            )
+            for _ in range(10)
+        ]
         for t in ts:
             t.start()
         for t in ts:
@@ -275,13 +314,16 @@ def test_decode_that_hangs_times_out(echoes):
     lsock.listen(16)  # accepts connections, never answers
     hang = f"http://127.0.0.1:{lsock.getsockname()[1]}"
     p = echoes()
-    rt = router_server({"prefill": [p.url], "decode": [hang]}, read_timeout=1, request_timeout=1.5,
-                       scrape_interval=0)
+    rt = router_server(
+        {"prefill": [p.url], "decode": [hang]}, read_timeout=1, request_timeout=1.5, scrape_interval=0
+    )
     try:
         t0 = time.monotonic()
         r = httpx.post(rt.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}, timeout=30)
         assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
-        r = httpx.post(rt.url + "/v1/chat/completions", json={"messages": MESSAGES, "stream": True}, timeout=30)
+        r = httpx.post(
+            rt.url + "/v1/chat/completions", json={"messages": MESSAGES, "stream": True}, timeout=30
+        )
         assert r.status_code == 504
         assert time.monotonic() - t0 < 6
     finally:
@@ -314,8 +356,12 @@ def test_file_discovery_follows_pods(tmp_path, echoes):
 def _pod(name, ip, ready=True, phase="Running", deleting=False):
     return SimpleNamespace(
         metadata=SimpleNamespace(name=name, deletion_timestamp="now" if deleting else None),
-        status=SimpleNamespace(phase=phase, pod_ip=ip,
-                               conditions=[SimpleNamespace(type="Ready", status="True" if ready else "False")]))
+        status=SimpleNamespace(
+            phase=phase,
+            pod_ip=ip,
+            conditions=[SimpleNamespace(type="Ready", status="True" if ready else "False")],
+        ),
+    )
 
 
 def test_kubernetes_discovery_keeps_ready_pods():
@@ -325,8 +371,10 @@ def test_kubernetes_discovery_keeps_ready_pods():
     d.apply_event("decode", "MODIFIED", _pod("d0", "10.0.0.1"))
     d.apply_event("decode", "ADDED", _pod("d1", "10.0.0.2"))
     d.apply_event("prefill", "ADDED", _pod("p0", "10.0.1.1"))
-    assert d.snapshot() == {"prefill": ["http://10.0.1.1:8000"],
-                            "decode": ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]}
+    assert d.snapshot() == {
+        "prefill": ["http://10.0.1.1:8000"],
+        "decode": ["http://10.0.0.1:8000", "http://10.0.0.2:8000"],
+    }
     d.apply_event("decode", "MODIFIED", _pod("d1", "10.0.0.2", deleting=True))  # terminating: out at once
     d.apply_event("prefill", "DELETED", _pod("p0", "10.0.1.1"))
     assert d.snapshot() == {"prefill": [], "decode": ["http://10.0.0.1:8000"]}

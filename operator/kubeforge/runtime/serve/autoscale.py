@@ -41,15 +41,17 @@ class PoolSignal:
 def parse_router_metrics(text: str) -> dict[str, PoolSignal]:
     """Per-pool signals from the router's Prometheus text. Pools the router does not report are absent."""
     samples = m.parse_text(text)
-    pools: set[str] = {s.labels["pool"] for s in samples if s.name.startswith("kubeforge:router_")
-                       and "pool" in s.labels}
+    pools: set[str] = {
+        s.labels["pool"] for s in samples if s.name.startswith("kubeforge:router_") and "pool" in s.labels
+    }
     out: dict[str, PoolSignal] = {}
     for pool in sorted(pools):
-        def one(name: str) -> float | None:
+
+        def one(name: str, pool: str = pool) -> float | None:
             found = m.find_samples(samples, name, pool=pool)
             return sum(s.value for s in found) if found else None
 
-        def recent(name: str) -> float | None:
+        def recent(name: str, one=one) -> float | None:
             v = one(name)
             return None if v is None or math.isnan(v) else v
 
@@ -176,8 +178,14 @@ def plan(
         if sig is not None and state.current <= 0 and metric in LOAD_METRICS:
             value = sig.queue_depth if metric == "queue-depth" else sig.in_flight
         out[pool] = desired_replicas(
-            value, state.current, policy.min_replicas, policy.max_replicas, policy.target,
-            state.last_scale_time, now, tolerance=policy.tolerance,
+            value,
+            state.current,
+            policy.min_replicas,
+            policy.max_replicas,
+            policy.target,
+            state.last_scale_time,
+            now,
+            tolerance=policy.tolerance,
             scale_down_stabilization_s=policy.scale_down_stabilization_s,
             recommendations=state.recommendations,
         )

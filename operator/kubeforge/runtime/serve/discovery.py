@@ -24,8 +24,7 @@ Pools = dict[str, list[str]]
 
 def _norm(url: str) -> str:
     url = url.strip().rstrip("/")
-    if url.endswith("/v1"):
-        url = url[:-3]
+    url = url.removesuffix("/v1")
     if "://" not in url:
         url = "http://" + url
     return url
@@ -128,8 +127,14 @@ class KubernetesDiscovery(Discovery):
     `get/list/watch` on `pods` in the namespace. A watch that ends or fails is re-listed after a backoff.
     """
 
-    def __init__(self, namespace: str, selectors: Mapping[str, str], port: int | Mapping[str, int],
-                 scheme: str = "http", watch_timeout_s: int = 300):
+    def __init__(
+        self,
+        namespace: str,
+        selectors: Mapping[str, str],
+        port: int | Mapping[str, int],
+        scheme: str = "http",
+        watch_timeout_s: int = 300,
+    ):
         super().__init__()
         self.namespace = namespace
         self.selectors = {k: v for k, v in selectors.items() if v}
@@ -179,14 +184,18 @@ class KubernetesDiscovery(Discovery):
                 api = self._client()
                 lst = api.list_namespaced_pod(self.namespace, label_selector=self.selectors[pool])
                 with self._lock:
-                    self._pods[pool] = {p.metadata.name: self._url(pool, p) for p in lst.items
-                                        if pod_is_ready(p)}
+                    self._pods[pool] = {
+                        p.metadata.name: self._url(pool, p) for p in lst.items if pod_is_ready(p)
+                    }
                 self._publish()
                 w = watch.Watch()
-                for ev in w.stream(api.list_namespaced_pod, self.namespace,
-                                   label_selector=self.selectors[pool],
-                                   resource_version=lst.metadata.resource_version,
-                                   timeout_seconds=self.watch_timeout_s):
+                for ev in w.stream(
+                    api.list_namespaced_pod,
+                    self.namespace,
+                    label_selector=self.selectors[pool],
+                    resource_version=lst.metadata.resource_version,
+                    timeout_seconds=self.watch_timeout_s,
+                ):
                     if self._stop.is_set():
                         w.stop()
                         break
@@ -199,8 +208,9 @@ class KubernetesDiscovery(Discovery):
 
     def start(self) -> None:
         for pool in self.selectors:
-            t = threading.Thread(target=self._watch_pool, args=(pool,), name=f"k8s-discovery-{pool}",
-                                 daemon=True)
+            t = threading.Thread(
+                target=self._watch_pool, args=(pool,), name=f"k8s-discovery-{pool}", daemon=True
+            )
             t.start()
             self._threads.append(t)
 

@@ -27,15 +27,22 @@ def build_app(name: str = "echo", delay: float = 0.0, port: int = 0, host: str =
     reg = m.Registry()
     state = {"running": 0}
     reg.gauge(m.VLLM_WAITING, "Requests waiting.", ["model_name"], fn=lambda: {(("model_name", name),): 0})
-    reg.gauge(m.VLLM_RUNNING, "Requests running.", ["model_name"],
-              fn=lambda: {(("model_name", name),): state["running"]})
+    reg.gauge(
+        m.VLLM_RUNNING,
+        "Requests running.",
+        ["model_name"],
+        fn=lambda: {(("model_name", name),): state["running"]},
+    )
     seen = reg.counter("kubeforge:echo_requests_total", "Requests by leg.", ["leg"])
 
     async def generate(request: Request) -> Response:
         body = await request.json()
         kvp = body.get("kv_transfer_params") or {}
-        leg = "prefill" if kvp.get("do_remote_decode") else ("decode" if kvp.get("do_remote_prefill")
-                                                              else "plain")
+        leg = (
+            "prefill"
+            if kvp.get("do_remote_decode")
+            else ("decode" if kvp.get("do_remote_prefill") else "plain")
+        )
         seen.inc(leg=leg)
         n = 1 if leg == "prefill" else int(body.get("max_tokens") or 16)
         chat = request.url.path.endswith("/chat/completions")
@@ -48,15 +55,28 @@ def build_app(name: str = "echo", delay: float = 0.0, port: int = 0, host: str =
             finally:
                 state["running"] -= 1
             text = "x" * n
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
-                      if chat else {"index": 0, "text": text, "finish_reason": "length"})
-            out = {"id": rid, "object": "chat.completion" if chat else "text_completion",
-                   "created": int(time.time()), "model": name, "choices": [choice],
-                   "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1}}
+            choice = (
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+                if chat
+                else {"index": 0, "text": text, "finish_reason": "length"}
+            )
+            out = {
+                "id": rid,
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()),
+                "model": name,
+                "choices": [choice],
+                "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1},
+            }
             if leg == "prefill":
-                out["kv_transfer_params"] = {"do_remote_prefill": True, "do_remote_decode": False,
-                                             "remote_engine_id": name, "remote_block_ids": [rid],
-                                             "remote_host": host, "remote_port": port}
+                out["kv_transfer_params"] = {
+                    "do_remote_prefill": True,
+                    "do_remote_decode": False,
+                    "remote_engine_id": name,
+                    "remote_block_ids": [rid],
+                    "remote_host": host,
+                    "remote_port": port,
+                }
             return JSONResponse(out)
 
         async def sse():
@@ -64,8 +84,11 @@ def build_app(name: str = "echo", delay: float = 0.0, port: int = 0, host: str =
                 for i in range(n):
                     if delay:
                         await asyncio.sleep(delay)
-                    d = ({"choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}]} if chat
-                         else {"choices": [{"index": 0, "text": "x", "finish_reason": None}]})
+                    d = (
+                        {"choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}]}
+                        if chat
+                        else {"choices": [{"index": 0, "text": "x", "finish_reason": None}]}
+                    )
                     d.update(id=rid, model=name, created=int(time.time()))
                     yield b"data: " + json.dumps(d).encode() + b"\n\n"
                 yield b"data: [DONE]\n\n"
@@ -83,13 +106,15 @@ def build_app(name: str = "echo", delay: float = 0.0, port: int = 0, host: str =
     async def metrics(request: Request) -> Response:
         return Response(reg.render(), media_type=m.CONTENT_TYPE)
 
-    return Starlette(routes=[
-        Route("/v1/completions", generate, methods=["POST"]),
-        Route("/v1/chat/completions", generate, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-    ])
+    return Starlette(
+        routes=[
+            Route("/v1/completions", generate, methods=["POST"]),
+            Route("/v1/chat/completions", generate, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ]
+    )
 
 
 def main(argv=None) -> None:
@@ -101,8 +126,13 @@ def main(argv=None) -> None:
     p.add_argument("--delay", type=float, default=0.0, help="seconds per generated token")
     p.add_argument("--name", default="echo")
     a = p.parse_args(argv)
-    uvicorn.run(build_app(a.name, a.delay, a.port, a.host), host=a.host, port=a.port, log_level="warning",
-                access_log=False)
+    uvicorn.run(
+        build_app(a.name, a.delay, a.port, a.host),
+        host=a.host,
+        port=a.port,
+        log_level="warning",
+        access_log=False,
+    )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,17 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import metrics as m
-from .kvcache import (KVEntry, KVStore, KVTransferError, build_cache, cache_layers, check_compatible,
-                      deserialize, model_signature, serialize)
+from .kvcache import (
+    KVEntry,
+    KVStore,
+    KVTransferError,
+    build_cache,
+    cache_layers,
+    check_compatible,
+    deserialize,
+    model_signature,
+    serialize,
+)
 
 log = logging.getLogger("kubeforge.serve.engine")
 
@@ -97,11 +106,21 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, model_dir: str, served_model_name: str, role: str = "both",
-                 max_model_len: int | None = None, engine_id: str | None = None, max_num_seqs: int = 8,
-                 kv_store: KVStore | None = None, kv_load_failure_policy: str = "fail",
-                 advertise_host: str = "127.0.0.1", port: int = 8000, kv_fetch_timeout: float = 30.0,
-                 dtype: str = "float32"):
+    def __init__(
+        self,
+        model_dir: str,
+        served_model_name: str,
+        role: str = "both",
+        max_model_len: int | None = None,
+        engine_id: str | None = None,
+        max_num_seqs: int = 8,
+        kv_store: KVStore | None = None,
+        kv_load_failure_policy: str = "fail",
+        advertise_host: str = "127.0.0.1",
+        port: int = 8000,
+        kv_fetch_timeout: float = 30.0,
+        dtype: str = "float32",
+    ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -140,39 +159,70 @@ class Engine:
     def _init_metrics(self) -> None:
         r = self.registry = m.Registry()
         lbl = (("model_name", self.name),)
-        r.gauge(m.VLLM_WAITING, "Requests waiting to be processed.", ["model_name"],
-                fn=lambda: {lbl: self.queue.qsize()})
-        r.gauge(m.VLLM_RUNNING, "Requests being processed.", ["model_name"],
-                fn=lambda: {lbl: len(self.active)})
-        r.gauge(m.VLLM_KV_USAGE, "KV-cache usage, 1 = full.", ["model_name"],
-                fn=lambda: {lbl: self._kv_usage()})
+        r.gauge(
+            m.VLLM_WAITING,
+            "Requests waiting to be processed.",
+            ["model_name"],
+            fn=lambda: {lbl: self.queue.qsize()},
+        )
+        r.gauge(
+            m.VLLM_RUNNING, "Requests being processed.", ["model_name"], fn=lambda: {lbl: len(self.active)}
+        )
+        r.gauge(
+            m.VLLM_KV_USAGE, "KV-cache usage, 1 = full.", ["model_name"], fn=lambda: {lbl: self._kv_usage()}
+        )
         self.m_ttft = r.histogram(m.VLLM_TTFT, "Time to first token.", ["model_name"], m.TTFT_BUCKETS)
         self.m_itl = r.histogram(m.VLLM_ITL, "Inter-token latency.", ["model_name"], m.ITL_BUCKETS)
-        self.m_e2e = r.histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency.",
-                                 ["model_name"], m.E2E_BUCKETS)
+        self.m_e2e = r.histogram(
+            "vllm:e2e_request_latency_seconds", "End-to-end request latency.", ["model_name"], m.E2E_BUCKETS
+        )
         self.m_prompt = r.counter("vllm:prompt_tokens_total", "Prompt tokens processed.", ["model_name"])
         self.m_gen = r.counter("vllm:generation_tokens_total", "Tokens generated.", ["model_name"])
-        self.m_success = r.counter("vllm:request_success_total", "Finished requests.",
-                                   ["model_name", "finished_reason"])
-        self.m_prefill_computed = r.counter(m.PREFILL_TOKENS_COMPUTED,
-                                            "Prompt tokens run through the model here.", ["model_name"])
-        self.m_kv_fetched = r.counter(m.KV_FETCHED, "KV caches fetched from a prefill engine.",
-                                      ["model_name"])
-        self.m_kv_fetched_tokens = r.counter("kubeforge:kv_transfer_fetched_tokens_total",
-                                             "Prompt tokens whose KV came from a prefill engine.",
-                                             ["model_name"])
+        self.m_success = r.counter(
+            "vllm:request_success_total", "Finished requests.", ["model_name", "finished_reason"]
+        )
+        self.m_prefill_computed = r.counter(
+            m.PREFILL_TOKENS_COMPUTED, "Prompt tokens run through the model here.", ["model_name"]
+        )
+        self.m_kv_fetched = r.counter(
+            m.KV_FETCHED, "KV caches fetched from a prefill engine.", ["model_name"]
+        )
+        self.m_kv_fetched_tokens = r.counter(
+            "kubeforge:kv_transfer_fetched_tokens_total",
+            "Prompt tokens whose KV came from a prefill engine.",
+            ["model_name"],
+        )
         self.m_kv_failed = r.counter(m.KV_FETCH_FAILED, "KV fetches that failed.", ["model_name", "reason"])
         self.m_kv_served = r.counter(m.KV_SERVED, "KV caches handed to decode engines.", ["model_name"])
         self.m_kv_bytes = r.counter("kubeforge:kv_transfer_bytes_total", "KV bytes sent.", ["model_name"])
-        for c in (self.m_prompt, self.m_gen, self.m_prefill_computed, self.m_kv_fetched,
-                  self.m_kv_fetched_tokens, self.m_kv_served, self.m_kv_bytes):
+        for c in (
+            self.m_prompt,
+            self.m_gen,
+            self.m_prefill_computed,
+            self.m_kv_fetched,
+            self.m_kv_fetched_tokens,
+            self.m_kv_served,
+            self.m_kv_bytes,
+        ):
             c.inc(0, model_name=self.name)  # present from the start, so rates and deltas work
-        r.gauge("kubeforge:kv_store_entries", "KV caches waiting to be fetched.", ["model_name"],
-                fn=lambda: {lbl: len(self.store)})
-        r.gauge("kubeforge:kv_store_expired_total", "KV caches dropped unfetched (TTL or bound).",
-                ["model_name"], fn=lambda: {lbl: self.store.expired + self.store.evicted})
-        r.gauge("kubeforge:engine_draining", "1 while draining for shutdown.", ["model_name"],
-                fn=lambda: {lbl: int(self.draining)})
+        r.gauge(
+            "kubeforge:kv_store_entries",
+            "KV caches waiting to be fetched.",
+            ["model_name"],
+            fn=lambda: {lbl: len(self.store)},
+        )
+        r.gauge(
+            "kubeforge:kv_store_expired_total",
+            "KV caches dropped unfetched (TTL or bound).",
+            ["model_name"],
+            fn=lambda: {lbl: self.store.expired + self.store.evicted},
+        )
+        r.gauge(
+            "kubeforge:engine_draining",
+            "1 while draining for shutdown.",
+            ["model_name"],
+            fn=lambda: {lbl: int(self.draining)},
+        )
 
     def _kv_usage(self) -> float:
         cap = self.max_num_seqs * self.max_model_len
@@ -210,7 +260,7 @@ class Engine:
     def _guard(self, seq: Sequence, fn, *args) -> None:
         try:
             fn(*args)
-        except Exception as e:  # noqa: BLE001 - one bad request must not kill the worker
+        except Exception as e:
             log.exception("request %s failed", seq.rid)
             if seq in self.active:
                 self.active.remove(seq)
@@ -218,7 +268,9 @@ class Engine:
 
     def _forward(self, ids: list[int], cache):
         torch = self.torch
-        out = self.model(input_ids=torch.tensor([ids], dtype=torch.long), past_key_values=cache, use_cache=True)
+        out = self.model(
+            input_ids=torch.tensor([ids], dtype=torch.long), past_key_values=cache, use_cache=True
+        )
         return out.past_key_values, out.logits[0, -1].float()
 
     def _begin(self, seq: Sequence) -> None:
@@ -312,8 +364,10 @@ class Engine:
                 text = text[: min(hits)]
                 finish = "stop"
         seq.text = text
-        if finish is None and (len(seq.generated) >= p.max_tokens
-                               or len(seq.prompt_ids) + len(seq.generated) >= self.max_model_len):
+        if finish is None and (
+            len(seq.generated) >= p.max_tokens
+            or len(seq.prompt_ids) + len(seq.generated) >= self.max_model_len
+        ):
             finish = "length"
         if finish is None and seq.remote_decode:
             finish = "length"
@@ -325,7 +379,7 @@ class Engine:
             if p.stop:
                 upto = max(seq.sent, min(upto, len(text) - (max(len(s) for s in p.stop) - 1)))
         if upto > seq.sent:
-            seq.emit(("text", text[seq.sent:upto]))
+            seq.emit(("text", text[seq.sent : upto]))
             seq.sent = upto
         if finish is not None:
             self._finish(seq, finish)
@@ -341,8 +395,17 @@ class Engine:
         self.m_success.inc(finished_reason=reason, model_name=self.name)
         self.m_e2e.observe(time.monotonic() - seq.arrival, model_name=self.name)
         completion = len(seq.generated)
-        seq.emit(("done", reason, {"prompt_tokens": len(seq.prompt_ids), "completion_tokens": completion,
-                                   "total_tokens": len(seq.prompt_ids) + completion}))
+        seq.emit(
+            (
+                "done",
+                reason,
+                {
+                    "prompt_tokens": len(seq.prompt_ids),
+                    "completion_tokens": completion,
+                    "total_tokens": len(seq.prompt_ids) + completion,
+                },
+            )
+        )
 
     # ------------------------------------------------------------------------------------------ requests
     def prompt_ids(self, api: str, body: dict) -> list[int]:
@@ -375,8 +438,10 @@ class Engine:
             raise BadRequest("only n=1 is supported")
         room = self.max_model_len - n_prompt
         if room <= 0:
-            raise BadRequest(f"This model's maximum context length is {self.max_model_len} tokens; the prompt "
-                             f"has {n_prompt}.")
+            raise BadRequest(
+                f"This model's maximum context length is {self.max_model_len} tokens; the prompt "
+                f"has {n_prompt}."
+            )
         mt = body.get("max_completion_tokens") if api == "chat" else None
         if mt is None:
             mt = body.get("max_tokens")
@@ -386,8 +451,10 @@ class Engine:
         if mt < 1:
             raise BadRequest("max_tokens must be >= 1")
         if mt > room:
-            raise BadRequest(f"This model's maximum context length is {self.max_model_len} tokens; "
-                             f"{n_prompt} prompt + {mt} completion tokens do not fit.")
+            raise BadRequest(
+                f"This model's maximum context length is {self.max_model_len} tokens; "
+                f"{n_prompt} prompt + {mt} completion tokens do not fit."
+            )
         stop = body.get("stop") or []
         if isinstance(stop, str):
             stop = [stop]
@@ -424,8 +491,10 @@ class Engine:
 
 # ---------------------------------------------------------------------------------------------- HTTP app
 
-def _chunk(api: str, rid: str, created: int, model: str, delta: str | None, finish: str | None,
-           first: bool = False) -> dict:
+
+def _chunk(
+    api: str, rid: str, created: int, model: str, delta: str | None, finish: str | None, first: bool = False
+) -> dict:
     if api == "chat":
         d: dict = {}
         if first:
@@ -433,10 +502,20 @@ def _chunk(api: str, rid: str, created: int, model: str, delta: str | None, fini
         if delta is not None:
             d["content"] = delta
         choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
-        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [choice]}
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}]}
+        return {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [choice],
+        }
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}],
+    }
 
 
 def build_app(engine: Engine, request_timeout: float = 600.0) -> Starlette:
@@ -490,8 +569,9 @@ def build_app(engine: Engine, request_timeout: float = 600.0) -> Starlette:
             except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
                 pass
 
-        seq = Sequence(rid=rid, prompt_ids=ids, params=params, remote_decode=remote_decode, kv=kv_entry,
-                       emit=emit)
+        seq = Sequence(
+            rid=rid, prompt_ids=ids, params=params, remote_decode=remote_decode, kv=kv_entry, emit=emit
+        )
         engine.submit(seq)
         created = int(time.time())
         stream = bool(body.get("stream")) and not remote_decode
@@ -501,7 +581,7 @@ def build_app(engine: Engine, request_timeout: float = 600.0) -> Starlette:
         async def next_event():
             left = deadline - time.monotonic()
             if left <= 0:
-                raise asyncio.TimeoutError
+                raise TimeoutError
             return await asyncio.wait_for(events.get(), timeout=left)
 
         if not stream:
@@ -521,22 +601,38 @@ def build_app(engine: Engine, request_timeout: float = 600.0) -> Starlette:
                         break
                     elif ev[0] == "cancelled":
                         return error_response(499, "cancelled", "cancelled")
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 seq.cancelled = True
                 return error_response(504, "request timed out", "timeout")
             finally:
                 engine.open_requests -= 1
             text = "".join(parts)
             if api == "chat":
-                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                          "finish_reason": finish, "stop_reason": None}
+                choice = {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": finish,
+                    "stop_reason": None,
+                }
                 obj = "chat.completion"
             else:
-                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish,
-                          "stop_reason": None}
+                choice = {
+                    "index": 0,
+                    "text": text,
+                    "logprobs": None,
+                    "finish_reason": finish,
+                    "stop_reason": None,
+                }
                 obj = "text_completion"
-            out = {"id": rid, "object": obj, "created": created, "model": engine.name, "choices": [choice],
-                   "usage": usage}
+            out = {
+                "id": rid,
+                "object": obj,
+                "created": created,
+                "model": engine.name,
+                "choices": [choice],
+                "usage": usage,
+            }
             if remote_decode or kv_out is not None:
                 out["kv_transfer_params"] = kv_out
             return JSONResponse(out)
@@ -547,7 +643,7 @@ def build_app(engine: Engine, request_timeout: float = 600.0) -> Starlette:
                 while True:
                     try:
                         ev = await next_event()
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         seq.cancelled = True
                         yield _sse(error_body("request timed out", "timeout", 504))
                         break
@@ -558,11 +654,20 @@ def build_app(engine: Engine, request_timeout: float = 600.0) -> Starlette:
                         yield _sse(error_body(ev[1], "server_error", 500))
                         break
                     elif ev[0] == "done":
-                        yield _sse(_chunk(api, rid, created, engine.name, "" if first else None, ev[1], first))
+                        yield _sse(
+                            _chunk(api, rid, created, engine.name, "" if first else None, ev[1], first)
+                        )
                         if include_usage:
-                            yield _sse({"id": rid, "object": "chat.completion.chunk" if api == "chat"
-                                        else "text_completion", "created": created, "model": engine.name,
-                                        "choices": [], "usage": ev[2]})
+                            yield _sse(
+                                {
+                                    "id": rid,
+                                    "object": "chat.completion.chunk" if api == "chat" else "text_completion",
+                                    "created": created,
+                                    "model": engine.name,
+                                    "choices": [],
+                                    "usage": ev[2],
+                                }
+                            )
                         break
                     elif ev[0] == "cancelled":
                         break
@@ -582,9 +687,22 @@ def build_app(engine: Engine, request_timeout: float = 600.0) -> Starlette:
     async def models(request: Request) -> Response:
         if engine.draining:
             return error_response(503, "engine is draining for shutdown", "service_unavailable")
-        return JSONResponse({"object": "list", "data": [{
-            "id": engine.name, "object": "model", "created": engine.created, "owned_by": "kubeforge",
-            "root": engine.model_dir, "parent": None, "max_model_len": engine.max_model_len}]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": engine.name,
+                        "object": "model",
+                        "created": engine.created,
+                        "owned_by": "kubeforge",
+                        "root": engine.model_dir,
+                        "parent": None,
+                        "max_model_len": engine.max_model_len,
+                    }
+                ],
+            }
+        )
 
     async def health(request: Request) -> Response:
         return Response(status_code=200 if engine._worker.is_alive() else 503)
@@ -611,14 +729,17 @@ def build_app(engine: Engine, request_timeout: float = 600.0) -> Starlette:
             engine.stop()
             await state["client"].aclose()
 
-    return Starlette(routes=[
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/chat/completions", chat, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/kv/{tid}", kv_get, methods=["GET"]),
-    ], lifespan=lifespan)
+    return Starlette(
+        routes=[
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            Route("/kv/{tid}", kv_get, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
 
 
 def _sse(obj: dict) -> bytes:
@@ -626,6 +747,7 @@ def _sse(obj: dict) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------------- main
+
 
 def default_advertise_host(bind: str) -> str:
     from kubeforge.contract import ENV_POD_IP
@@ -642,8 +764,11 @@ def default_advertise_host(bind: str) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kubeforge.runtime.serve.engine", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m kubeforge.runtime.serve.engine",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", required=True, help="Hugging Face model directory")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--host", default="0.0.0.0")
@@ -657,8 +782,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-max-entries", type=int, default=256)
     p.add_argument("--kv-max-bytes", type=int, default=2 << 30)
     p.add_argument("--kv-fetch-timeout", type=float, default=30.0)
-    p.add_argument("--advertise-host", default=None,
-                   help="host decode engines use to fetch KV from here (default: $KUBEFORGE_POD_IP)")
+    p.add_argument(
+        "--advertise-host",
+        default=None,
+        help="host decode engines use to fetch KV from here (default: $KUBEFORGE_POD_IP)",
+    )
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--drain-timeout", type=float, default=30.0)
     p.add_argument("--dtype", default="float32")
@@ -676,15 +804,30 @@ def main(argv=None) -> None:
         import torch
 
         torch.set_num_threads(a.threads)
-    engine = Engine(a.model, a.served_model_name or a.model, role=a.role, max_model_len=a.max_model_len,
-                    engine_id=a.engine_id, max_num_seqs=a.max_num_seqs,
-                    kv_store=KVStore(a.kv_max_entries, a.kv_max_bytes, a.kv_ttl),
-                    kv_load_failure_policy=a.kv_load_failure_policy,
-                    advertise_host=a.advertise_host or default_advertise_host(a.host), port=a.port,
-                    kv_fetch_timeout=a.kv_fetch_timeout, dtype=a.dtype)
+    engine = Engine(
+        a.model,
+        a.served_model_name or a.model,
+        role=a.role,
+        max_model_len=a.max_model_len,
+        engine_id=a.engine_id,
+        max_num_seqs=a.max_num_seqs,
+        kv_store=KVStore(a.kv_max_entries, a.kv_max_bytes, a.kv_ttl),
+        kv_load_failure_policy=a.kv_load_failure_policy,
+        advertise_host=a.advertise_host or default_advertise_host(a.host),
+        port=a.port,
+        kv_fetch_timeout=a.kv_fetch_timeout,
+        dtype=a.dtype,
+    )
     app = build_app(engine, a.request_timeout)
-    config = uvicorn.Config(app, host=a.host, port=a.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=a.drain_timeout, timeout_keep_alive=30)
+    config = uvicorn.Config(
+        app,
+        host=a.host,
+        port=a.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=a.drain_timeout,
+        timeout_keep_alive=30,
+    )
     server = DrainingServer(config, engine, a.drain_timeout)
     log.info("engine %s (%s) serving %s on %s:%d", engine.engine_id, a.role, engine.name, a.host, a.port)
     server.run()
@@ -705,8 +848,11 @@ try:
             if self.engine.draining or sig not in (signal.SIGTERM, signal.SIGINT):
                 return super().handle_exit(sig, frame)  # a second signal: stop now
             self.engine.draining = True
-            log.info("draining: %d open requests, %d KV caches to hand off", self.engine.open_requests,
-                     len(self.engine.store))
+            log.info(
+                "draining: %d open requests, %d KV caches to hand off",
+                self.engine.open_requests,
+                len(self.engine.store),
+            )
             threading.Thread(target=self._drain, name="drain", daemon=True).start()
 
         def _drain(self) -> None:

@@ -57,6 +57,7 @@ def model_signature(config) -> dict:
 
 # ---------------------------------------------------------------------------- transformers cache compat
 
+
 def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(key, value) per layer out of a transformers cache object or the legacy tuple format."""
     if hasattr(cache, "layers") and cache.layers and hasattr(cache.layers[0], "keys"):
@@ -87,11 +88,14 @@ def build_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], config=None):
 
 # ------------------------------------------------------------------------------------------- wire format
 
+
 def serialize(entry: KVEntry) -> bytes:
     from safetensors.torch import save
 
-    tensors = {"last_logits": entry.last_logits.contiguous(),
-               "prompt_ids": torch.tensor(entry.prompt_ids, dtype=torch.int64)}
+    tensors = {
+        "last_logits": entry.last_logits.contiguous(),
+        "prompt_ids": torch.tensor(entry.prompt_ids, dtype=torch.int64),
+    }
     for i, (k, v) in enumerate(entry.layers):
         tensors[f"k.{i}"] = k.contiguous()
         tensors[f"v.{i}"] = v.contiguous()
@@ -106,15 +110,19 @@ def deserialize(data: bytes) -> KVEntry:
         tensors = load(data)
         # the metadata lives in the header: 8-byte little-endian length, then JSON
         n = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8:8 + n]).get("__metadata__", {})
-    except Exception as e:  # noqa: BLE001 - anything malformed is a transfer failure
+        meta = json.loads(data[8 : 8 + n]).get("__metadata__", {})
+    except Exception as e:
         raise KVTransferError(f"malformed KV payload: {e}") from e
     if meta.get("format") != FORMAT:
         raise KVTransferError(f"unknown KV payload format {meta.get('format')!r}")
     num_layers = int(meta["num_layers"])
     layers = [(tensors[f"k.{i}"], tensors[f"v.{i}"]) for i in range(num_layers)]
-    return KVEntry(prompt_ids=tensors["prompt_ids"].tolist(), layers=layers,
-                   last_logits=tensors["last_logits"], model_sig=json.loads(meta["model_sig"]))
+    return KVEntry(
+        prompt_ids=tensors["prompt_ids"].tolist(),
+        layers=layers,
+        last_logits=tensors["last_logits"],
+        model_sig=json.loads(meta["model_sig"]),
+    )
 
 
 def check_compatible(entry: KVEntry, prompt_ids: list[int], model_sig: dict) -> None:
@@ -122,13 +130,15 @@ def check_compatible(entry: KVEntry, prompt_ids: list[int], model_sig: dict) -> 
         raise KVTransferError(f"KV cache from a different model shape: {entry.model_sig} != {model_sig}")
     if entry.prompt_ids != list(prompt_ids):
         raise KVTransferError(
-            f"KV cache is for another prompt ({len(entry.prompt_ids)} tokens vs {len(prompt_ids)})")
+            f"KV cache is for another prompt ({len(entry.prompt_ids)} tokens vs {len(prompt_ids)})"
+        )
     seq = entry.layers[0][0].shape[-2] if entry.layers else 0
     if seq != len(prompt_ids):
         raise KVTransferError(f"KV cache holds {seq} positions, prompt has {len(prompt_ids)}")
 
 
 # ------------------------------------------------------------------------------------------------ store
+
 
 class KVStore:
     """Caches waiting to be fetched: bounded by count and bytes, expired after `ttl` seconds."""

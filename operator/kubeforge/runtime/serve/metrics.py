@@ -17,12 +17,70 @@ from dataclasses import dataclass, field
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Latency buckets in seconds (close to vLLM's TTFT / ITL buckets).
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                20.0, 40.0, 80.0)
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
-               0.75, 1.0, 2.5, 5.0, 10.0)
-E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
-               60.0, 120.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+ITL_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+E2E_BUCKETS = (
+    0.01,
+    0.05,
+    0.1,
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+)
 
 LabelKey = tuple[tuple[str, str], ...]
 
@@ -181,8 +239,9 @@ class Registry:
     def gauge(self, name: str, help_: str, labelnames: Sequence[str] = (), fn=None) -> Gauge:
         return self.register(Gauge(name, help_, labelnames, fn))  # type: ignore[return-value]
 
-    def histogram(self, name: str, help_: str, labelnames: Sequence[str] = (),
-                  buckets: Sequence[float] = ()) -> Histogram:
+    def histogram(
+        self, name: str, help_: str, labelnames: Sequence[str] = (), buckets: Sequence[float] = ()
+    ) -> Histogram:
         return self.register(Histogram(name, help_, labelnames, buckets))  # type: ignore[return-value]
 
     def render(self) -> str:
@@ -195,6 +254,7 @@ class Registry:
 
 
 # ---------------------------------------------------------------------------------------------- parsing
+
 
 @dataclass(frozen=True)
 class Sample:

@@ -54,6 +54,7 @@ def error_response(status: int, message: str, type_: str = "server_error") -> JS
 
 # ------------------------------------------------------------------------------------------- pools
 
+
 @dataclass
 class Endpoint:
     url: str
@@ -125,6 +126,7 @@ class RecentMean:
 
 # ------------------------------------------------------------------------------------------- router
 
+
 @dataclass
 class RouterConfig:
     prefill_threshold_tokens: int = 0
@@ -156,31 +158,63 @@ class Router:
         self.in_flight = {PREFILL: 0, DECODE: 0}
 
         r = self.registry = m.Registry()
-        r.gauge(m.R_ENDPOINTS, "Ready endpoints in the pool.", ["pool"],
-                fn=lambda: {(("pool", p),): len(self.pools[p]) for p in self.pools})
-        r.gauge(m.R_IN_FLIGHT, "Requests the router has outstanding on the pool.", ["pool"],
-                fn=lambda: {(("pool", p),): self.in_flight[p] for p in self.pools})
-        r.gauge(m.R_QUEUE_DEPTH, "Requests waiting in the pool's engines (last scrape).", ["pool"],
-                fn=lambda: {(("pool", p),): sum(e.waiting for e in self.pools[p].endpoints.values())
-                            for p in self.pools})
-        r.gauge(m.R_ENGINE_RUNNING, "Requests running in the pool's engines (last scrape).", ["pool"],
-                fn=lambda: {(("pool", p),): sum(e.running for e in self.pools[p].endpoints.values())
-                            for p in self.pools})
-        self.m_requests = r.counter(m.R_REQUESTS, "Upstream requests by pool and HTTP status.",
-                                    ["pool", "code"])
+        r.gauge(
+            m.R_ENDPOINTS,
+            "Ready endpoints in the pool.",
+            ["pool"],
+            fn=lambda: {(("pool", p),): len(self.pools[p]) for p in self.pools},
+        )
+        r.gauge(
+            m.R_IN_FLIGHT,
+            "Requests the router has outstanding on the pool.",
+            ["pool"],
+            fn=lambda: {(("pool", p),): self.in_flight[p] for p in self.pools},
+        )
+        r.gauge(
+            m.R_QUEUE_DEPTH,
+            "Requests waiting in the pool's engines (last scrape).",
+            ["pool"],
+            fn=lambda: {
+                (("pool", p),): sum(e.waiting for e in self.pools[p].endpoints.values()) for p in self.pools
+            },
+        )
+        r.gauge(
+            m.R_ENGINE_RUNNING,
+            "Requests running in the pool's engines (last scrape).",
+            ["pool"],
+            fn=lambda: {
+                (("pool", p),): sum(e.running for e in self.pools[p].endpoints.values()) for p in self.pools
+            },
+        )
+        self.m_requests = r.counter(
+            m.R_REQUESTS, "Upstream requests by pool and HTTP status.", ["pool", "code"]
+        )
         self.m_errors = r.counter(m.R_ERRORS, "Upstream failures by pool and reason.", ["pool", "reason"])
         self.m_retries = r.counter(m.R_RETRIES, "Requests retried on another pod of the pool.", ["pool"])
         self.m_skipped = r.counter(m.R_PREFILL_SKIPPED, "Requests sent straight to decode.", ["reason"])
-        self.m_ttft = r.histogram(m.R_TTFT, "Time to first token at the router (streams).", ["pool"],
-                                  m.TTFT_BUCKETS)
-        self.m_itl = r.histogram(m.R_ITL, "Inter-token latency at the router (streams).", ["pool"],
-                                 m.ITL_BUCKETS)
-        r.gauge(m.R_TTFT_RECENT, "Mean TTFT over the recent window (NaN = no data).", ["pool"],
-                fn=lambda: {(("pool", p),): self.recent_ttft[p].value() for p in self.pools})
-        r.gauge(m.R_ITL_RECENT, "Mean inter-token latency over the recent window (NaN = no data).", ["pool"],
-                fn=lambda: {(("pool", p),): self.recent_itl[p].value() for p in self.pools})
-        self.m_client_requests = r.counter("kubeforge:router_client_requests_total",
-                                           "Client requests by route and status.", ["route", "code"])
+        self.m_ttft = r.histogram(
+            m.R_TTFT, "Time to first token at the router (streams).", ["pool"], m.TTFT_BUCKETS
+        )
+        self.m_itl = r.histogram(
+            m.R_ITL, "Inter-token latency at the router (streams).", ["pool"], m.ITL_BUCKETS
+        )
+        r.gauge(
+            m.R_TTFT_RECENT,
+            "Mean TTFT over the recent window (NaN = no data).",
+            ["pool"],
+            fn=lambda: {(("pool", p),): self.recent_ttft[p].value() for p in self.pools},
+        )
+        r.gauge(
+            m.R_ITL_RECENT,
+            "Mean inter-token latency over the recent window (NaN = no data).",
+            ["pool"],
+            fn=lambda: {(("pool", p),): self.recent_itl[p].value() for p in self.pools},
+        )
+        self.m_client_requests = r.counter(
+            "kubeforge:router_client_requests_total",
+            "Client requests by route and status.",
+            ["route", "code"],
+        )
 
     # ---- lifecycle
     async def startup(self) -> None:
@@ -267,7 +301,9 @@ class Router:
             self._tokenizer = AutoTokenizer.from_pretrained(self.cfg.tokenizer)
         tok = self._tokenizer
         if api == "/chat/completions":
-            ids = tok.apply_chat_template(body.get("messages") or [], add_generation_prompt=True, tokenize=True)
+            ids = tok.apply_chat_template(
+                body.get("messages") or [], add_generation_prompt=True, tokenize=True
+            )
             if isinstance(ids, dict):
                 ids = ids["input_ids"]
             return len(ids)
@@ -295,8 +331,12 @@ class Router:
         for k in ("stream_options", "min_tokens", "min_completion_tokens"):
             req.pop(k, None)
         req["kv_transfer_params"] = {
-            "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
-            "remote_block_ids": None, "remote_host": None, "remote_port": None,
+            "do_remote_decode": True,
+            "do_remote_prefill": False,
+            "remote_engine_id": None,
+            "remote_block_ids": None,
+            "remote_host": None,
+            "remote_port": None,
         }
         timeout = httpx.Timeout(self.cfg.prefill_timeout, connect=self.cfg.connect_timeout)
         tried: set[str] = set()
@@ -333,8 +373,11 @@ class Router:
                 log.warning("prefill %s answered %d; trying another", ep.url, r.status_code)
                 continue
             if r.status_code >= 400:  # the request itself is wrong: tell the client, like the engine would
-                return None, Response(r.content, status_code=r.status_code,
-                                      media_type=r.headers.get("content-type", "application/json"))
+                return None, Response(
+                    r.content,
+                    status_code=r.status_code,
+                    media_type=r.headers.get("content-type", "application/json"),
+                )
             try:
                 params = r.json().get("kv_transfer_params")
             except ValueError:
@@ -351,10 +394,10 @@ class Router:
         t0 = time.monotonic()
         try:
             body = await request.json()
-            if not isinstance(body, dict):
-                raise ValueError("body must be a JSON object")
         except ValueError as e:
             return error_response(400, f"invalid JSON body: {e}", "invalid_request_error")
+        if not isinstance(body, dict):
+            return error_response(400, "the body must be a JSON object", "invalid_request_error")
         rid = request.headers.get("x-request-id") or f"kf-{uuid.uuid4().hex}"
         headers = self._headers(request, rid)
         self.sync()
@@ -375,8 +418,9 @@ class Router:
                     ttft_pool = PREFILL
         return await self.decode_leg(api, body, headers, dpool, ttft_pool, t0)
 
-    async def decode_leg(self, api: str, body: dict, headers: dict, pname: str, ttft_pool: str,
-                         t0: float) -> Response:
+    async def decode_leg(
+        self, api: str, body: dict, headers: dict, pname: str, ttft_pool: str, t0: float
+    ) -> Response:
         pool = self.pools[pname]
         stream = bool(body.get("stream"))
         read_timeout = self.cfg.read_timeout if stream else self.cfg.request_timeout
@@ -394,8 +438,9 @@ class Router:
             self.in_flight[pname] += 1
             handed_off = False
             try:
-                req = self.client.build_request("POST", ep.url + "/v1" + api, json=body, headers=headers,
-                                                timeout=timeout)
+                req = self.client.build_request(
+                    "POST", ep.url + "/v1" + api, json=body, headers=headers, timeout=timeout
+                )
                 try:
                     r = await self.client.send(req, stream=True)
                 except (httpx.ConnectError, httpx.ConnectTimeout) as e:
@@ -419,9 +464,12 @@ class Router:
                 if r.status_code != 200 or not stream:
                     return await self._finish_plain(r, pname)
                 handed_off = True
-                return StreamingResponse(self._relay(r, ep, pname, ttft_pool, t0),
-                                         status_code=200, media_type="text/event-stream",
-                                         headers={"X-Request-Id": headers["X-Request-Id"]})
+                return StreamingResponse(
+                    self._relay(r, ep, pname, ttft_pool, t0),
+                    status_code=200,
+                    media_type="text/event-stream",
+                    headers={"X-Request-Id": headers["X-Request-Id"]},
+                )
             finally:
                 if not handed_off:
                     ep.outstanding -= 1
@@ -442,8 +490,9 @@ class Router:
         self.m_requests.inc(pool=pname, code=str(r.status_code))
         if r.status_code >= 500:
             self.m_errors.inc(pool=pname, reason=f"http_{r.status_code}")
-        return Response(content, status_code=r.status_code,
-                        media_type=r.headers.get("content-type", "application/json"))
+        return Response(
+            content, status_code=r.status_code, media_type=r.headers.get("content-type", "application/json")
+        )
 
     async def _relay(self, r: httpx.Response, ep: Endpoint, pname: str, ttft_pool: str, t0: float):
         buf = b""
@@ -488,8 +537,11 @@ class Router:
 
     @staticmethod
     def _sse_error(code: int, message: str) -> bytes:
-        return (b"data: " + json.dumps(error_body(message, "upstream_error", code)).encode()
-                + b"\n\ndata: [DONE]\n\n")
+        return (
+            b"data: "
+            + json.dumps(error_body(message, "upstream_error", code)).encode()
+            + b"\n\ndata: [DONE]\n\n"
+        )
 
     async def models(self, request: Request) -> Response:
         self.sync()
@@ -502,8 +554,9 @@ class Router:
                     break
                 tried.add(ep.url)
                 try:
-                    r = await self.client.get(ep.url + "/v1/models", timeout=httpx.Timeout(
-                        5.0, connect=self.cfg.connect_timeout))
+                    r = await self.client.get(
+                        ep.url + "/v1/models", timeout=httpx.Timeout(5.0, connect=self.cfg.connect_timeout)
+                    )
                 except httpx.HTTPError:
                     continue
                 if r.status_code == 200:
@@ -539,19 +592,25 @@ def build_app(router: Router) -> Starlette:
         finally:
             await router.shutdown()
 
-    return Starlette(routes=[
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/chat/completions", chat, methods=["POST"]),
-        Route("/v1/models", router.models, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/ready", ready, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-    ], lifespan=lifespan)
+    return Starlette(
+        routes=[
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/models", router.models, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/ready", ready, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kubeforge.runtime.serve.router", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m kubeforge.runtime.serve.router",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--prefill", action="append", default=[], metavar="URL", help="prefill endpoint (repeat)")
@@ -561,8 +620,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--k8s-prefill-selector", help="label selector of the prefill pool's Pods")
     p.add_argument("--k8s-decode-selector", help="label selector of the decode pool's Pods")
     p.add_argument("--k8s-port", type=int, default=8000, help="engine port on the Pods")
-    p.add_argument("--prefill-threshold-tokens", type=int, default=0,
-                   help="prompts shorter than this skip the prefill hop")
+    p.add_argument(
+        "--prefill-threshold-tokens",
+        type=int,
+        default=0,
+        help="prompts shorter than this skip the prefill hop",
+    )
     p.add_argument("--tokenizer", help="HF tokenizer dir for the threshold count (default: chars/4)")
     p.add_argument("--picking", choices=["least-outstanding", "round-robin"], default="least-outstanding")
     p.add_argument("--connect-timeout", type=float, default=2.0)
@@ -571,8 +634,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--prefill-attempts", type=int, default=3)
     p.add_argument("--decode-attempts", type=int, default=2)
-    p.add_argument("--no-prefill-fallback", action="store_true",
-                   help="answer 503 instead of prefilling on decode when no prefill pod answers")
+    p.add_argument(
+        "--no-prefill-fallback",
+        action="store_true",
+        help="answer 503 instead of prefilling on decode when no prefill pod answers",
+    )
     p.add_argument("--scrape-interval", type=float, default=2.0, help="engine /metrics scrape period (0=off)")
     p.add_argument("--recent-window", type=float, default=60.0)
     p.add_argument("--drain-timeout", type=float, default=30.0)
@@ -589,8 +655,9 @@ def make_discovery(a: argparse.Namespace) -> Discovery:
                     ns = f.read().strip()
             except OSError:
                 ns = "default"
-        return KubernetesDiscovery(ns, {PREFILL: a.k8s_prefill_selector or "",
-                                        DECODE: a.k8s_decode_selector or ""}, a.k8s_port)
+        return KubernetesDiscovery(
+            ns, {PREFILL: a.k8s_prefill_selector or "", DECODE: a.k8s_decode_selector or ""}, a.k8s_port
+        )
     if a.discovery_file:
         return FileDiscovery(a.discovery_file)
     return StaticDiscovery({PREFILL: a.prefill, DECODE: a.decode})
@@ -602,15 +669,29 @@ def main(argv=None) -> None:
     a = parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     cfg = RouterConfig(
-        prefill_threshold_tokens=a.prefill_threshold_tokens, picking=a.picking,
-        connect_timeout=a.connect_timeout, prefill_timeout=a.prefill_timeout, read_timeout=a.read_timeout,
-        request_timeout=a.request_timeout, prefill_attempts=a.prefill_attempts,
-        decode_attempts=a.decode_attempts, prefill_fallback=not a.no_prefill_fallback,
-        tokenizer=a.tokenizer, scrape_interval=a.scrape_interval, recent_window=a.recent_window,
+        prefill_threshold_tokens=a.prefill_threshold_tokens,
+        picking=a.picking,
+        connect_timeout=a.connect_timeout,
+        prefill_timeout=a.prefill_timeout,
+        read_timeout=a.read_timeout,
+        request_timeout=a.request_timeout,
+        prefill_attempts=a.prefill_attempts,
+        decode_attempts=a.decode_attempts,
+        prefill_fallback=not a.no_prefill_fallback,
+        tokenizer=a.tokenizer,
+        scrape_interval=a.scrape_interval,
+        recent_window=a.recent_window,
     )
     app = build_app(Router(make_discovery(a), cfg))
-    uvicorn.run(app, host=a.host, port=a.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=a.drain_timeout, timeout_keep_alive=30)
+    uvicorn.run(
+        app,
+        host=a.host,
+        port=a.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=a.drain_timeout,
+        timeout_keep_alive=30,
+    )
 
 
 if __name__ == "__main__":

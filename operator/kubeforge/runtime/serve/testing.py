@@ -42,17 +42,28 @@ def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = N
 class Proc:
     """`python -m <module> <args>` in a subprocess, with the package importable."""
 
-    def __init__(self, module: str, args: list[str], port: int, ready_path: str = "/health",
-                 env: dict | None = None, log_path: str | None = None):
+    def __init__(
+        self,
+        module: str,
+        args: list[str],
+        port: int,
+        ready_path: str = "/health",
+        env: dict | None = None,
+        log_path: str | None = None,
+    ):
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         e = dict(os.environ)
         e["PYTHONPATH"] = OPERATOR_DIR + os.pathsep + e.get("PYTHONPATH", "")
         e.setdefault("OMP_NUM_THREADS", "1")
         e.update(env or {})
-        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen([sys.executable, "-m", module, *args], env=e, stdout=self._log,
-                                     stderr=subprocess.STDOUT if log_path else subprocess.DEVNULL)
+        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            env=e,
+            stdout=self._log,
+            stderr=subprocess.STDOUT if log_path else subprocess.DEVNULL,
+        )
         self.ready_path = ready_path
 
     def wait(self, timeout: float = 90.0) -> Proc:
@@ -78,11 +89,32 @@ class Proc:
             self._log.close()
 
 
-def engine_proc(model_dir: str, port: int | None = None, role: str = "both", name: str = "tiny",
-                extra: list[str] | None = None, log_path: str | None = None) -> Proc:
+def engine_proc(
+    model_dir: str,
+    port: int | None = None,
+    role: str = "both",
+    name: str = "tiny",
+    extra: list[str] | None = None,
+    log_path: str | None = None,
+) -> Proc:
     port = port or free_port()
-    args = ["--model", model_dir, "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
-            "--role", role, "--threads", "1", "--log-level", "warning", *(extra or [])]
+    args = [
+        "--model",
+        model_dir,
+        "--served-model-name",
+        name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--role",
+        role,
+        "--threads",
+        "1",
+        "--log-level",
+        "warning",
+        *(extra or []),
+    ]
     return Proc("kubeforge.runtime.serve.engine", args, port, "/v1/models", log_path=log_path)
 
 
@@ -94,8 +126,14 @@ class ThreadServer:
 
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=2)
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=2,
+        )
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None  # older uvicorn
         self.thread = threading.Thread(target=self.server.run, daemon=True)
