@@ -190,6 +190,28 @@ def test_all_prefill_down_falls_back_or_503(engines):
         strict.stop()
 
 
+def test_lost_kv_cache_falls_back_to_local_prefill(engines, routers):
+    """The prefill pod answered but its cache is gone when decode fetches it: no error reaches the client."""
+    pd, _ = routers
+    body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0}
+    want = httpx.post(engines["both"].url + "/v1/completions", json=body, timeout=30).json()["choices"][0][
+        "text"
+    ]
+    store = engines["prefill"].engine.store
+    failed0 = metric(engines["decode"].url, m.KV_FETCH_FAILED)
+    store.ttl = 0.0  # every cache expires before it can be fetched
+    try:
+        r = httpx.post(pd.url + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == want
+        with httpx.stream("POST", pd.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as s:
+            assert s.status_code == 200 and _stream_text("/v1/completions", sse_events(s)) == want
+    finally:
+        store.ttl = 60.0
+    assert metric(engines["decode"].url, m.KV_FETCH_FAILED) == failed0 + 2
+    assert metric(pd.url, m.R_PREFILL_SKIPPED, reason="kv_transfer_failed") == 2
+
+
 def test_short_prompt_skips_prefill(engines):
     rt = router_server(
         {"prefill": [engines["prefill"].url], "decode": [engines["decode"].url]}, prefill_threshold_tokens=10
@@ -262,6 +284,7 @@ def test_router_metrics_feed_autoscaler(engines, routers):
     assert sig["prefill"].replicas == 1 and sig["decode"].replicas == 1
     assert sig["prefill"].ttft_recent is not None and sig["prefill"].ttft_recent > 0
     assert sig["decode"].itl_recent is not None
+    assert sig["prefill"].prefill_recent is not None and sig["prefill"].prefill_recent > 0
     assert sig["decode"].in_flight == 0 and sig["decode"].requests_total >= 1
     text = httpx.get(pd.url + "/metrics").text
     assert f'{m.R_TTFT}_count{{pool="prefill"}}' in text and f'{m.R_ITL}_count{{pool="decode"}}' in text

@@ -34,6 +34,7 @@ class PoolSignal:
     running: float = 0.0  # requests running inside the pool's engines
     ttft_recent: float | None = None  # mean seconds over the router's recent window, None = no data
     itl_recent: float | None = None
+    prefill_recent: float | None = None  # mean prefill-leg seconds (covers non-streamed requests too)
     requests_total: float = 0.0
     errors_total: float = 0.0
 
@@ -63,6 +64,7 @@ def parse_router_metrics(text: str) -> dict[str, PoolSignal]:
             running=one(m.R_ENGINE_RUNNING) or 0.0,
             ttft_recent=recent(m.R_TTFT_RECENT),
             itl_recent=recent(m.R_ITL_RECENT),
+            prefill_recent=recent(m.R_PREFILL_RECENT),
             requests_total=one(m.R_REQUESTS) or 0.0,
             errors_total=one(m.R_ERRORS) or 0.0,
         )
@@ -80,8 +82,8 @@ def pool_metric_value(signal: PoolSignal, metric: str, current: int | None = Non
         return signal.queue_depth / n
     if metric == "in-flight":
         return signal.in_flight / n
-    if metric == "ttft":
-        return signal.ttft_recent
+    if metric == "ttft":  # streamed TTFT; without streams, the prefill leg's duration stands in
+        return signal.ttft_recent if signal.ttft_recent is not None else signal.prefill_recent
     if metric == "itl":
         return signal.itl_recent
     raise ValueError(f"unknown metric {metric!r}; one of {LOAD_METRICS + LATENCY_METRICS}")

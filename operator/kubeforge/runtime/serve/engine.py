@@ -217,6 +217,13 @@ class Engine:
             ["model_name"],
             fn=lambda: {lbl: self.store.expired + self.store.evicted},
         )
+        info = (("model_name", self.name), ("role", self.role), ("engine_id", self.engine_id))
+        r.gauge(
+            "kubeforge:engine_info",
+            "Static facts about this engine (value 1).",
+            ["model_name", "role", "engine_id"],
+            fn=lambda: {info: 1},
+        )
         r.gauge(
             "kubeforge:engine_draining",
             "1 while draining for shutdown.",

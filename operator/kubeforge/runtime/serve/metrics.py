@@ -332,3 +332,5 @@ R_TTFT = "kubeforge:router_time_to_first_token_seconds"  # histogram, pool="pref
 R_ITL = "kubeforge:router_inter_token_latency_seconds"  # histogram, pool="decode"
 R_TTFT_RECENT = "kubeforge:router_ttft_recent_seconds"  # gauge: mean TTFT over the recent window
 R_ITL_RECENT = "kubeforge:router_itl_recent_seconds"  # gauge: mean ITL over the recent window
+R_PREFILL_LEG = "kubeforge:router_prefill_seconds"  # histogram, pool="prefill": the whole prefill leg
+R_PREFILL_RECENT = "kubeforge:router_prefill_recent_seconds"  # gauge: mean prefill leg, recent window

@@ -156,6 +156,7 @@ class Router:
         self.recent_ttft = {p: RecentMean(self.cfg.recent_window) for p in (PREFILL, DECODE)}
         self.recent_itl = {p: RecentMean(self.cfg.recent_window) for p in (PREFILL, DECODE)}
         self.in_flight = {PREFILL: 0, DECODE: 0}
+        self.recent_prefill = RecentMean(self.cfg.recent_window)
 
         r = self.registry = m.Registry()
         r.gauge(
@@ -209,6 +210,15 @@ class Router:
             "Mean inter-token latency over the recent window (NaN = no data).",
             ["pool"],
             fn=lambda: {(("pool", p),): self.recent_itl[p].value() for p in self.pools},
+        )
+        self.m_prefill_leg = r.histogram(
+            m.R_PREFILL_LEG, "Duration of the prefill leg, retries included.", ["pool"], m.TTFT_BUCKETS
+        )
+        r.gauge(
+            m.R_PREFILL_RECENT,
+            "Mean prefill-leg duration over the recent window (NaN = no data).",
+            ["pool"],
+            fn=lambda: {(("pool", PREFILL),): self.recent_prefill.value()},
         )
         self.m_client_requests = r.counter(
             "kubeforge:router_client_requests_total",
@@ -340,6 +350,7 @@ class Router:
         }
         timeout = httpx.Timeout(self.cfg.prefill_timeout, connect=self.cfg.connect_timeout)
         tried: set[str] = set()
+        t_leg = time.monotonic()
         for attempt in range(self.cfg.prefill_attempts):
             ep = pool.pick(tried)
             if ep is None:
@@ -383,6 +394,9 @@ class Router:
             except ValueError:
                 self.m_errors.inc(pool=PREFILL, reason="bad_response")
                 continue
+            took = time.monotonic() - t_leg
+            self.m_prefill_leg.observe(took, pool=PREFILL)
+            self.recent_prefill.add(took)
             return (params or None), None
         if self.cfg.prefill_fallback:
             self.m_skipped.inc(reason="prefill_unavailable")
@@ -427,7 +441,8 @@ class Router:
         timeout = httpx.Timeout(read_timeout, connect=self.cfg.connect_timeout)
         tried: set[str] = set()
         last_err = "no decode endpoint available"
-        for attempt in range(self.cfg.decode_attempts):
+        kv_fallback = self.cfg.prefill_fallback and "kv_transfer_params" in body
+        for attempt in range(self.cfg.decode_attempts + int(kv_fallback)):
             ep = pool.pick(tried)
             if ep is None:
                 break
@@ -461,6 +476,19 @@ class Router:
                     self.m_errors.inc(pool=pname, reason="http_503")
                     last_err = "decode endpoint unavailable"
                     continue
+                if r.status_code == 502 and kv_fallback:
+                    # The decode pod could not load the KV cache (the prefill pod died or expired it after
+                    # answering): run the request again without it, so a decode pod prefills locally.
+                    content = await self._read_small(r)
+                    if b"kv_transfer_error" in content:
+                        self.m_requests.inc(pool=pname, code="502")
+                        self.m_errors.inc(pool=pname, reason="kv_transfer")
+                        self.m_skipped.inc(reason="kv_transfer_failed")
+                        body = {k: v for k, v in body.items() if k != "kv_transfer_params"}
+                        kv_fallback = False
+                        tried.discard(ep.url)
+                        continue
+                    return Response(content, status_code=502, media_type="application/json")
                 if r.status_code != 200 or not stream:
                     return await self._finish_plain(r, pname)
                 handed_off = True
@@ -475,6 +503,15 @@ class Router:
                     ep.outstanding -= 1
                     self.in_flight[pname] -= 1
         return error_response(503, last_err, "service_unavailable")
+
+    @staticmethod
+    async def _read_small(r: httpx.Response) -> bytes:
+        try:
+            return await r.aread()
+        except httpx.HTTPError:
+            return b""
+        finally:
+            await r.aclose()
 
     async def _finish_plain(self, r: httpx.Response, pname: str) -> Response:
         try:
