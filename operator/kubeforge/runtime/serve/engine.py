@@ -806,6 +806,9 @@ def main(argv=None) -> None:
     import uvicorn
 
     a = parse_args(argv)
+    from .router import fast_fail_missing_sniffio
+
+    fast_fail_missing_sniffio()
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if a.threads:
         import torch

@@ -44,6 +44,17 @@ log = logging.getLogger("kubeforge.serve.router")
 PREFILL, DECODE = "prefill", "decode"
 
 
+def fast_fail_missing_sniffio() -> None:
+    """httpcore tries `import sniffio` on every request; without the package each try scans sys.path
+    (about a sixth of the router's CPU under load). A None entry in sys.modules makes that import fail at
+    once. Only done when sniffio is really absent; everything here runs on asyncio."""
+    import importlib.util
+    import sys
+
+    if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
+        sys.modules["sniffio"] = None  # type: ignore[assignment]
+
+
 def error_body(message: str, type_: str = "server_error", code: int | str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": None, "code": code}}
 
@@ -704,6 +715,7 @@ def main(argv=None) -> None:
     import uvicorn
 
     a = parse_args(argv)
+    fast_fail_missing_sniffio()
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     cfg = RouterConfig(
         prefill_threshold_tokens=a.prefill_threshold_tokens,
