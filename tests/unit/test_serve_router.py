@@ -413,3 +413,99 @@ def test_bad_requests_and_models(echoes):
         assert httpx.get(rt.url + "/health").status_code == 200
     finally:
         rt.stop()
+
+
+def test_kubernetes_discovery_list_and_watch_over_http():
+    """The real client against a minimal Pods API on loopback: list, then watch events as pods come and go."""
+    import asyncio
+
+    kubernetes = pytest.importorskip("kubernetes")
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    def pod(name, ip, ready=True):
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": "ns", "labels": {"role": "decode"}},
+            "status": {
+                "phase": "Running",
+                "podIP": ip,
+                "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+            },
+        }
+
+    events: list[dict] = []
+    seen_selectors: list[str] = []
+
+    async def pods(request):
+        seen_selectors.append(request.query_params.get("labelSelector", ""))
+        if request.query_params.get("watch") not in ("true", "True", "1"):
+            return JSONResponse(
+                {
+                    "apiVersion": "v1",
+                    "kind": "PodList",
+                    "metadata": {"resourceVersion": "1"},
+                    "items": [pod("d0", "10.0.0.1")],
+                }
+            )
+
+        async def stream():
+            sent = 0
+            for _ in range(200):
+                while sent < len(events):
+                    yield (json.dumps(events[sent]) + "\n").encode()
+                    sent += 1
+                await asyncio.sleep(0.02)
+
+        return StreamingResponse(stream(), media_type="application/json")
+
+    api_srv = ThreadServer(Starlette(routes=[Route("/api/v1/namespaces/ns/pods", pods)])).start()
+    cfg = kubernetes.client.Configuration()
+    cfg.host = api_srv.url
+    api = kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(cfg))
+    d = KubernetesDiscovery("ns", {"decode": "role=decode"}, 8000, api=api)
+    d.start()
+    try:
+        assert wait_for(d, lambda s: s.get("decode") == ["http://10.0.0.1:8000"])
+        events.append({"type": "ADDED", "object": pod("d1", "10.0.0.2")})
+        assert wait_for(d, lambda s: s.get("decode") == ["http://10.0.0.1:8000", "http://10.0.0.2:8000"])
+        events.append({"type": "MODIFIED", "object": pod("d0", "10.0.0.1", ready=False)})
+        events.append({"type": "DELETED", "object": pod("d1", "10.0.0.2")})
+        assert wait_for(d, lambda s: s.get("decode") == [])
+        assert seen_selectors[0] == "role=decode"
+    finally:
+        d.stop()
+        api_srv.stop()
+
+
+def test_router_cli_discovery_choice(tmp_path):
+    from kubeforge.runtime.serve.router import make_discovery, parse_args
+
+    a = parse_args(
+        [
+            "--k8s-namespace",
+            "team",
+            "--k8s-prefill-selector",
+            "a=b,role=prefill",
+            "--k8s-decode-selector",
+            "a=b,role=decode",
+            "--k8s-port",
+            "8001",
+        ]
+    )
+    d = make_discovery(a)
+    assert isinstance(d, KubernetesDiscovery)
+    assert (d.namespace, d.selectors, d.ports) == (
+        "team",
+        {"prefill": "a=b,role=prefill", "decode": "a=b,role=decode"},
+        {"prefill": 8001, "decode": 8001},
+    )
+    f = tmp_path / "e.json"
+    f.write_text('{"decode": ["127.0.0.1:9/v1/"]}')
+    assert make_discovery(parse_args(["--discovery-file", str(f)])).snapshot() == {
+        "decode": ["http://127.0.0.1:9"]
+    }
+    d = make_discovery(parse_args(["--prefill", "http://p:1", "--decode", "http://d:2"]))
+    assert d.snapshot() == {"prefill": ["http://p:1"], "decode": ["http://d:2"]}

@@ -134,6 +134,7 @@ class KubernetesDiscovery(Discovery):
         port: int | Mapping[str, int],
         scheme: str = "http",
         watch_timeout_s: int = 300,
+        api=None,
     ):
         super().__init__()
         self.namespace = namespace
@@ -144,7 +145,7 @@ class KubernetesDiscovery(Discovery):
         self._pods: dict[str, dict[str, str]] = {pool: {} for pool in self.selectors}  # pool -> name -> url
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._api = None
+        self._api = api  # a kubernetes.client.CoreV1Api; None = in-cluster config (or KUBECONFIG)
 
     def _client(self):
         if self._api is None:
