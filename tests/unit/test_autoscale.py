@@ -12,6 +12,7 @@ from kubeforge.runtime.serve.autoscale import (
     PoolSignal,
     PoolState,
     desired_replicas,
+    merge_signals,
     parse_router_metrics,
     plan,
     pool_metric_value,
@@ -143,3 +144,16 @@ def test_metrics_roundtrip():
     assert m.sum_samples(s, "h_seconds_bucket", le="0.1") == 1
     assert m.sum_samples(s, "h_seconds_bucket", le="+Inf") == 2
     assert math.isclose(m.sum_samples(s, "h_seconds_sum"), 5.05)
+
+
+def test_merge_signals_of_router_replicas():
+    a = parse_router_metrics(ROUTER_TEXT)
+    b = {
+        "decode": PoolSignal("decode", replicas=2, in_flight=6, queue_depth=3, running=16, itl_recent=0.07),
+        "prefill": PoolSignal("prefill", replicas=2, in_flight=1),
+    }
+    got = merge_signals([a, b])
+    d = got["decode"]
+    assert (d.replicas, d.in_flight, d.queue_depth, d.running) == (2, 30, 3, 16)
+    assert math.isclose(d.itl_recent, 0.06) and d.ttft_recent is None
+    assert got["prefill"].in_flight == 2 and got["prefill"].ttft_recent == 0.12

@@ -71,6 +71,36 @@ def parse_router_metrics(text: str) -> dict[str, PoolSignal]:
     return out
 
 
+def merge_signals(per_router: Iterable[Mapping[str, PoolSignal]]) -> dict[str, PoolSignal]:
+    """One view from several router replicas: their own counts add up (in flight, requests, errors); what
+    each of them scrapes or sees of the same pods does not (endpoints, engine queue depth: the max);
+    recent latencies are averaged over the routers that have data."""
+    merged: dict[str, list[PoolSignal]] = {}
+    for sigs in per_router:
+        for pool, s in sigs.items():
+            merged.setdefault(pool, []).append(s)
+
+    def mean(vals: list[float | None]) -> float | None:
+        got = [v for v in vals if v is not None]
+        return sum(got) / len(got) if got else None
+
+    return {
+        pool: PoolSignal(
+            pool=pool,
+            replicas=max(s.replicas for s in ss),
+            in_flight=sum(s.in_flight for s in ss),
+            queue_depth=max(s.queue_depth for s in ss),
+            running=max(s.running for s in ss),
+            ttft_recent=mean([s.ttft_recent for s in ss]),
+            itl_recent=mean([s.itl_recent for s in ss]),
+            prefill_recent=mean([s.prefill_recent for s in ss]),
+            requests_total=sum(s.requests_total for s in ss),
+            errors_total=sum(s.errors_total for s in ss),
+        )
+        for pool, ss in merged.items()
+    }
+
+
 def pool_metric_value(signal: PoolSignal, metric: str, current: int | None = None) -> float | None:
     """The value compared with the target: a per-replica average for load metrics, seconds for latency.
 
