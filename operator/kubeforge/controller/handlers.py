@@ -1,0 +1,104 @@
+"""kopf wiring: thin handlers that hand every event to the Reconciler.
+
+kopf knows nothing of desired vs actual state, so convergence is driven by three triggers that all run the
+same idempotent reconcile: an event on the object, an event on one of its pods, and a periodic timer.
+No handler needs a finalizer: children are owned (garbage-collected) and nothing lives outside the cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import kopf
+
+from kubeforge import GROUP, VERSION, contract
+from kubeforge.api.registry import KINDS
+from kubeforge.api.validation import validate
+from kubeforge.settings import OperatorSettings
+
+from .kube import Kube
+from .reconciler import Reconciler
+from .webhook import self_signed_certificate
+
+log = logging.getLogger("kubeforge")
+
+SETTINGS = OperatorSettings()
+_reconciler: Reconciler | None = None
+
+
+def reconciler() -> Reconciler:
+    global _reconciler
+    if _reconciler is None:
+        _reconciler = Reconciler(Kube(), SETTINGS)
+    return _reconciler
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration")
+    settings.posting.level = logging.WARNING  # kubeforge posts its own, meaningful events
+    settings.execution.max_workers = 16
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
+    if SETTINGS.webhook:
+        host = SETTINGS.webhook_host or "127.0.0.1"
+        certfile, keyfile = SETTINGS.webhook_certfile, SETTINGS.webhook_keyfile
+        if not certfile:
+            cert, key = self_signed_certificate([host], Path(tempfile.mkdtemp(prefix="kubeforge-webhook-")))
+            certfile, keyfile = str(cert), str(key)
+        settings.admission.server = kopf.WebhookServer(
+            addr=SETTINGS.webhook_listen, port=SETTINGS.webhook_port, host=host,
+            certfile=certfile, pkeyfile=keyfile)
+        settings.admission.managed = f"validate.{GROUP}"
+    # the Kubernetes client the reconciler uses: same config kopf logged in with
+    from kubernetes import config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+
+
+def _reconcile(kind: str, namespace: str, name: str) -> None:
+    try:
+        reconciler().reconcile(kind, namespace, name)
+    except Exception as exc:  # kopf retries TemporaryError with a delay; log the cause once
+        log.exception("reconcile of %s %s/%s failed", kind, namespace, name)
+        raise kopf.TemporaryError(f"reconcile failed: {exc}", delay=5) from exc
+
+
+def _register(kind_name: str, plural: str) -> None:
+    def admit(body: kopf.Body, old: kopf.Body | None, operation: str | None, **_: Any) -> None:
+        errors = validate(dict(body), dict(old) if old and operation == "UPDATE" else None)
+        if errors:
+            raise kopf.AdmissionError("; ".join(str(e) for e in errors), code=422)
+
+    def on_event(name: str | None, namespace: str | None, type: str | None, **_: Any) -> None:
+        if name and namespace and type != "DELETED":
+            _reconcile(kind_name, namespace, name)
+
+    def on_timer(name: str | None, namespace: str | None, **_: Any) -> None:
+        if name and namespace:
+            _reconcile(kind_name, namespace, name)
+
+    kopf.on.validate(GROUP, VERSION, plural, id=f"validate-{plural}")(admit)
+    kopf.on.event(GROUP, VERSION, plural, id=f"event-{plural}")(on_event)
+    kopf.timer(GROUP, VERSION, plural, id=f"resync-{plural}", interval=SETTINGS.resync_seconds,
+               sharp=False)(on_timer)
+
+
+for _kind in KINDS:
+    _register(_kind.kind, _kind.plural)
+
+
+@kopf.on.event("", "v1", "pods", labels={contract.LABEL_JOB_KIND: kopf.PRESENT, contract.LABEL_JOB_NAME: kopf.PRESENT})
+def on_child_pod(labels: dict[str, str], namespace: str | None, **_: Any) -> None:
+    """A pod of a job changed: reconcile its owner now instead of at the next resync."""
+    if namespace:
+        _reconcile(labels[contract.LABEL_JOB_KIND], namespace, labels[contract.LABEL_JOB_NAME])

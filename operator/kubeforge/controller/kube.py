@@ -1,0 +1,173 @@
+"""The operator's only door to the API server: plain dicts in and out.
+
+Planners never import this; the reconciler hands them what it read and applies what they return. Tests of
+planners build dicts; tests of the reconciler run it against a real API server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from kubeforge import GROUP, VERSION
+
+log = logging.getLogger(__name__)
+
+FIELD_MANAGER = "kubeforge"
+
+
+@dataclass(frozen=True)
+class Resource:
+    group: str  # "" for core
+    version: str
+    plural: str
+    namespaced: bool = True
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    def path(self, namespace: str | None = None, name: str | None = None, sub: str | None = None) -> str:
+        base = f"/api/{self.version}" if not self.group else f"/apis/{self.group}/{self.version}"
+        if self.namespaced and namespace:
+            base += f"/namespaces/{namespace}"
+        base += f"/{self.plural}"
+        if name:
+            base += f"/{name}"
+        if sub:
+            base += f"/{sub}"
+        return base
+
+
+# kind -> resource, for what kubeforge creates
+RESOURCES: dict[str, Resource] = {
+    "Pod": Resource("", "v1", "pods"),
+    "Service": Resource("", "v1", "services"),
+    "ConfigMap": Resource("", "v1", "configmaps"),
+    "ServiceAccount": Resource("", "v1", "serviceaccounts"),
+    "Event": Resource("", "v1", "events"),
+    "Role": Resource("rbac.authorization.k8s.io", "v1", "roles"),
+    "RoleBinding": Resource("rbac.authorization.k8s.io", "v1", "rolebindings"),
+    "Deployment": Resource("apps", "v1", "deployments"),
+    "PodGroup.volcano": Resource("scheduling.volcano.sh", "v1beta1", "podgroups"),
+    "PodGroup.coscheduling": Resource("scheduling.x-k8s.io", "v1alpha1", "podgroups"),
+    "PretrainJob": Resource(GROUP, VERSION, "pretrainjobs"),
+    "ContextExtensionJob": Resource(GROUP, VERSION, "contextextensionjobs"),
+    "RLJob": Resource(GROUP, VERSION, "rljobs"),
+    "InferenceDeployment": Resource(GROUP, VERSION, "inferencedeployments"),
+    "ResourceFlavor": Resource("kueue.x-k8s.io", "v1beta2", "resourceflavors", namespaced=False),
+}
+
+
+def resource_for(manifest: dict[str, Any]) -> Resource:
+    kind, api_version = manifest["kind"], manifest["apiVersion"]
+    if kind == "PodGroup":
+        return RESOURCES["PodGroup.volcano" if api_version.startswith("scheduling.volcano.sh") else "PodGroup.coscheduling"]
+    if kind == "Workload":
+        group, version = api_version.split("/")
+        return Resource(group, version, "workloads")
+    return RESOURCES[kind]
+
+
+class Kube:
+    """Thin JSON client over the kubernetes ApiClient (configuration, auth and TLS come from it)."""
+
+    def __init__(self, api_client: client.ApiClient | None = None) -> None:
+        self.api_client = api_client or client.ApiClient()
+        self._served: dict[str, bool] = {}
+
+    # --- raw -------------------------------------------------------------------------------------------
+    def _call(self, method: str, path: str, body: Any = None, query: list[tuple[str, Any]] | None = None,
+              content_type: str = "application/json") -> Any:
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        resp = self.api_client.call_api(
+            path, method, query_params=query or [], header_params=headers, body=body,
+            auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True,
+        )
+        data = resp.data
+        return json.loads(data) if data else None
+
+    def get(self, res: Resource, namespace: str | None, name: str) -> dict[str, Any] | None:
+        try:
+            return self._call("GET", res.path(namespace, name))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def list(self, res: Resource, namespace: str | None, selector: str | None = None) -> list[dict[str, Any]]:
+        query = [("labelSelector", selector)] if selector else []
+        return list(self._call("GET", res.path(namespace), query=query).get("items", []))
+
+    def create(self, manifest: dict[str, Any]) -> bool:
+        """Create; False when it already exists (deterministic names make this the idempotence check)."""
+        res = resource_for(manifest)
+        ns = manifest["metadata"].get("namespace")
+        try:
+            self._call("POST", res.path(ns), body=manifest, query=[("fieldManager", FIELD_MANAGER)])
+            return True
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise
+
+    def delete(self, res: Resource, namespace: str | None, name: str, grace_seconds: int | None = None) -> bool:
+        body: dict[str, Any] = {"propagationPolicy": "Background"}
+        if grace_seconds is not None:
+            body["gracePeriodSeconds"] = grace_seconds
+        try:
+            self._call("DELETE", res.path(namespace, name), body=body)
+            return True
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+
+    def merge_patch(self, res: Resource, namespace: str | None, name: str, patch: dict[str, Any],
+                    subresource: str | None = None) -> dict[str, Any] | None:
+        try:
+            return self._call("PATCH", res.path(namespace, name, subresource), body=patch,
+                              content_type="application/merge-patch+json")
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def served(self, group: str, version: str) -> bool:
+        """Whether the cluster serves group/version (cached; Kueue may serve v1beta1, v1beta2 or both)."""
+        key = f"{group}/{version}"
+        if key not in self._served:
+            try:
+                self._call("GET", f"/apis/{group}/{version}")
+                self._served[key] = True
+            except ApiException as e:
+                if e.status != 404:
+                    raise
+                self._served[key] = False
+        return self._served[key]
+
+    def post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        meta = obj["metadata"]
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": meta["name"],
+                "namespace": meta["namespace"], "uid": meta.get("uid"),
+            },
+            "type": type_, "reason": reason, "message": message[:1024],
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+            "source": {"component": "kubeforge"}, "reportingComponent": "kubeforge",
+        }
+        try:
+            self._call("POST", RESOURCES["Event"].path(meta["namespace"]), body=event)
+        except ApiException as e:  # an event is worth a log line, never a failed reconcile
+            log.warning("could not post event %s on %s: %s", reason, meta["name"], e.reason)

@@ -1,0 +1,216 @@
+"""One reconcile, top to bottom: fetch -> ignore if gone -> skip if deleting -> validate -> plan (pure) ->
+apply the difference -> ONE status write -> events, only after that write succeeded."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from kubeforge.api.registry import BY_KIND
+from kubeforge.api.status import JobStatus, ServingStatus
+from kubeforge.api.validation import parse_spec, validate
+from kubeforge.settings import OperatorSettings
+
+from . import kueue
+from .children import selector
+from .conditions import set_kstatus
+from .kube import RESOURCES, Kube, Resource
+from .training import Event, JobContext, Observed, Plan, Source, plan
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def merge_patch_diff(old: Any, new: Any) -> Any:
+    """The JSON merge patch (RFC 7386) turning old into new; None when they are equal."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        patch: dict[str, Any] = {}
+        for key in old.keys() - new.keys():
+            patch[key] = None
+        for key, value in new.items():
+            if key not in old:
+                patch[key] = value
+            else:
+                sub = merge_patch_diff(old[key], value)
+                if sub is not None or (old[key] is not None and value is None):
+                    patch[key] = sub if sub is not None else value
+        return patch or None
+    return None if old == new else new
+
+
+# Children kubeforge keeps in step with the spec after creating them (the rest are create-once).
+UPDATABLE = {"ConfigMap": "data", "Role": "rules"}
+
+
+class Reconciler:
+    def __init__(self, kube: Kube, settings: OperatorSettings, clock: Clock = utcnow) -> None:
+        self.kube, self.settings, self.clock = kube, settings, clock
+        self._locks: dict[tuple[str, str, str], threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def lock(self, kind: str, namespace: str, name: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault((kind, namespace, name), threading.Lock())
+
+    # --- entry point -----------------------------------------------------------------------------------
+    def reconcile(self, kind: str, namespace: str, name: str) -> float | None:
+        with self.lock(kind, namespace, name):
+            obj = self.kube.get(RESOURCES[kind], namespace, name)
+            if obj is None or obj["metadata"].get("deletionTimestamp"):
+                return None
+            errors = validate(obj)
+            if errors:
+                return self.stall_invalid(obj, [str(e) for e in errors])
+            if kind == "PretrainJob":
+                return self.reconcile_training(obj, "kubeforge.runtime.pretrain")
+            if kind == "InferenceDeployment":
+                from .serving import reconcile_serving
+
+                return reconcile_serving(self, obj)
+            return self.stall_unsupported(obj)
+
+    # --- shared status helpers -----------------------------------------------------------------------
+    def status_model(self, obj: dict[str, Any]) -> JobStatus | ServingStatus:
+        model = BY_KIND[obj["kind"]].status_model
+        return model.model_validate(obj.get("status") or {})  # type: ignore[no-any-return]
+
+    def write_status(self, obj: dict[str, Any], status: JobStatus | ServingStatus) -> bool:
+        new, old = status.to_wire(), obj.get("status") or {}
+        patch = merge_patch_diff(old, new)
+        if patch is None:
+            return False
+        res = RESOURCES[obj["kind"]]
+        self.kube.merge_patch(res, obj["metadata"]["namespace"], obj["metadata"]["name"], {"status": patch},
+                              subresource="status")
+        return True
+
+    def post_events(self, obj: dict[str, Any], events: list[Event]) -> None:
+        for e in events:
+            self.kube.post_event(obj, e.type, e.reason, e.message)
+
+    def stall_invalid(self, obj: dict[str, Any], errors: list[str]) -> None:
+        status = self.status_model(obj)
+        status.observed_generation = obj["metadata"].get("generation")
+        message = "; ".join(errors)
+        status.message = f"invalid spec: {message}"
+        changed = set_kstatus(status.conditions, ready=False, reconciling=False, stalled=True, reason="InvalidSpec",
+                              message=message, generation=status.observed_generation, now=self.clock())
+        if self.write_status(obj, status) and changed:
+            self.post_events(obj, [Event("Warning", "InvalidSpec", message)])
+        return None
+
+    def stall_unsupported(self, obj: dict[str, Any]) -> None:
+        status = self.status_model(obj)
+        status.observed_generation = obj["metadata"].get("generation")
+        message = f"this kubeforge release does not run {obj['kind']} workloads yet; nothing was created"
+        status.message = message
+        changed = set_kstatus(status.conditions, ready=False, reconciling=False, stalled=True,
+                              reason="NotImplemented", message=message,
+                              generation=status.observed_generation, now=self.clock())
+        if self.write_status(obj, status) and changed:
+            self.post_events(obj, [Event("Warning", "NotImplemented", message)])
+        return None
+
+    # --- model.from ----------------------------------------------------------------------------------
+    def resolve_source(self, obj: dict[str, Any], model: Any) -> Source:
+        ref = model.from_
+        if ref is None:
+            return Source(uri=model.uri)
+        src = self.kube.get(RESOURCES[ref.kind], obj["metadata"]["namespace"], ref.name)
+        if src is None:
+            return Source(waiting=f"waiting for {ref.kind} {ref.name} to exist (model.from)")
+        phase = (src.get("status") or {}).get("phase")
+        uri = ((src.get("status") or {}).get("output") or {}).get("uri")
+        if phase == "Failed":
+            return Source(failed=f"{ref.kind} {ref.name} failed, so model.from has no output")
+        if phase != "Succeeded" or not uri:
+            return Source(waiting=f"waiting for {ref.kind} {ref.name} to succeed (model.from; now {phase or 'Pending'})")
+        return Source(uri=uri)
+
+    def resolved_spec(self, spec: Any, source: Source) -> dict[str, Any]:
+        wire = spec.to_wire()
+        model = dict(wire["model"])
+        if source.uri:
+            model.pop("from", None)
+            model["uri"] = source.uri
+        if "secretRef" not in model and (wire.get("checkpoint") or {}).get("secretRef"):
+            model["secretRef"] = wire["checkpoint"]["secretRef"]
+        wire["model"] = model
+        return wire
+
+    # --- training jobs -------------------------------------------------------------------------------
+    def reconcile_training(self, obj: dict[str, Any], module: str) -> float | None:
+        from .torchrun import TorchrunGang
+
+        spec = parse_spec(obj)
+        ns = obj["metadata"]["namespace"]
+        source = self.resolve_source(obj, spec.model)
+        secret = spec.checkpoint.secret_ref.name if spec.checkpoint.secret_ref else None
+        builder = TorchrunGang(
+            obj=obj, resources=spec.resources, scheduling=spec.scheduling, module=module,
+            resolved_spec=self.resolved_spec(spec, source), secret_name=secret,
+            s3_endpoint=spec.checkpoint.endpoint, python=self.settings.python,
+        )
+        observed = Observed(pods=self.kube.list(RESOURCES["Pod"], ns, selector(obj)), source=source)
+        version = "v1beta2"
+        if spec.scheduling.queue_name or spec.scheduling.gang == "kueue":
+            version = next((v for v in kueue.VERSIONS if self.kube.served(kueue.GROUP, v)), "v1beta2")
+            wl_res = Resource(kueue.GROUP, version, "workloads")
+            observed.workload = self.kube.get(wl_res, ns, kueue.workload_name(obj))
+            adm = kueue.admission(observed.workload)
+            for flavor in sorted(adm.flavor_names()) if adm else []:
+                fl = self.kube.get(Resource(kueue.GROUP, version, "resourceflavors", namespaced=False), None, flavor)
+                if fl is not None:
+                    observed.flavors[flavor] = fl
+        ctx = JobContext(obj=obj, spec=spec, builder=builder, workload_version=version,
+                         backoff_cap_seconds=self.settings.gang_backoff_max_seconds)
+        result = plan(ctx, observed, self.clock())
+        self.apply(obj, result, observed)
+        return result.requeue_after
+
+    def apply(self, obj: dict[str, Any], result: Plan, observed: Observed) -> None:
+        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        if result.workload is not None:
+            self.apply_workload(result.workload, observed.workload)
+        if result.workload_status_patch is not None and observed.workload is not None:
+            res = Resource(kueue.GROUP, observed.workload["apiVersion"].split("/")[1], "workloads")
+            self.kube.merge_patch(res, ns, observed.workload["metadata"]["name"], result.workload_status_patch,
+                                  subresource="status")
+        for pod in result.delete_pods:
+            self.kube.delete(RESOURCES["Pod"], ns, pod)
+        for manifest in result.create:
+            self.apply_child(manifest)
+        self.write_status(obj, result.status)
+        self.post_events(obj, result.events)
+        if result.delete_job:
+            self.kube.delete(RESOURCES[obj["kind"]], ns, name)
+
+    def apply_child(self, manifest: dict[str, Any]) -> None:
+        if self.kube.create(manifest):
+            return
+        field = UPDATABLE.get(manifest["kind"])
+        if field is not None:  # exists: bring the field we own up to date
+            from .kube import resource_for
+
+            self.kube.merge_patch(resource_for(manifest), manifest["metadata"]["namespace"],
+                                  manifest["metadata"]["name"], {field: manifest[field]})
+
+    def apply_workload(self, desired: dict[str, Any], current: dict[str, Any] | None) -> None:
+        if current is None:
+            self.kube.create(desired)
+            return
+        if bool(current["spec"].get("active", True)) != bool(desired["spec"]["active"]):
+            res = Resource(kueue.GROUP, current["apiVersion"].split("/")[1], "workloads")
+            self.kube.merge_patch(res, current["metadata"]["namespace"], current["metadata"]["name"],
+                                  {"spec": {"active": desired["spec"]["active"]}})
+
+
+__all__ = ["Reconciler", "merge_patch_diff", "utcnow"]

@@ -1,0 +1,451 @@
+"""The pure planner of training jobs (PretrainJob today; the pattern the other training kinds follow).
+
+`plan(job, observed, now)` decides everything from what was read: which children should exist, which pods
+go, and the new status. The reconciler applies the plan and writes the status once. All memory lives in
+the status and in the pods' `kubeforge.dev/attempt` label, so an operator killed at any line converges.
+
+Gang lifecycle, per attempt:
+  no pods -> (backoff over) create the whole gang -> all Running -> Succeeded
+  any pod failed            -> tear the gang down, attempt+1, restarts+1, exponential backoff (maxRestarts)
+  exit code 78              -> Failed at once: the spec is wrong, retrying cannot help
+  pod evicted/preempted,
+  Kueue eviction, or the
+  gang not running in time  -> tear the gang down, attempt+1, preemptions+1 (no restart budget spent)
+  no progress in time       -> a hung collective: counts as a failure
+  suspend                   -> pods get SIGTERM (the runtime checkpoints), phase Suspended
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from kubeforge import contract
+from kubeforge.api import status as st
+from kubeforge.api.status import CheckpointRef, JobStatus, Output, Progress
+
+from . import gang, kueue, pods
+from .conditions import parse_time, rfc3339, set_condition, set_kstatus
+
+TERMINAL = ("Succeeded", "Failed")
+
+
+@dataclass
+class Source:
+    """model.from resolved: the producing job's output URI, or why we are still waiting for it."""
+
+    uri: str | None = None
+    waiting: str | None = None
+    failed: str | None = None
+
+
+@dataclass
+class Observed:
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    workload: dict[str, Any] | None = None
+    flavors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    source: Source = field(default_factory=Source)
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    status: JobStatus
+    create: list[dict[str, Any]] = field(default_factory=list)
+    delete_pods: list[str] = field(default_factory=list)
+    workload: dict[str, Any] | None = None
+    workload_status_patch: dict[str, Any] | None = None
+    events: list[Event] = field(default_factory=list)
+    delete_job: bool = False
+    requeue_after: float | None = None
+
+
+class GangBuilder(Protocol):
+    """What a training kind supplies: its gang's pods and the children they need."""
+
+    def gang_size(self) -> int: ...
+
+    def pods(self, attempt: int, placement: dict[str, dict[str, Any]], gang_backend: gang.Backend) -> list[dict]: ...
+
+    def support_children(self, gang_backend: gang.Backend) -> list[dict[str, Any]]: ...
+
+    def pod_sets(self, attempt: int) -> list[kueue.PodSet]: ...
+
+
+@dataclass
+class JobContext:
+    obj: dict[str, Any]
+    spec: Any  # the kind's typed spec (has resources, checkpoint, scheduling, run_policy)
+    builder: GangBuilder
+    workload_version: str = "v1beta2"
+    backoff_cap_seconds: int = 300
+
+
+def _status(obj: dict[str, Any]) -> JobStatus:
+    return JobStatus.model_validate(obj.get("status") or {})
+
+
+def _percent(step: int | None, total: int | None) -> int | None:
+    if step is None or not total:
+        return None
+    return min(100, math.floor(100 * step / total))
+
+
+def _eta(report: dict[str, Any]) -> str | None:
+    step, total, tps, tokens = (report.get(k) for k in ("step", "totalSteps", "tokensPerSecond", "tokens"))
+    if not (step and total and tps and tokens) or step >= total:
+        return None
+    seconds = (total - step) * (tokens / step) / tps
+    h, rem = divmod(int(seconds), 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def merge_progress(status: JobStatus, report: dict[str, Any] | None) -> None:
+    """Fold rank 0's report into the status (progress survives across attempts: new pods start empty)."""
+    if not report:
+        return
+    step, total = report.get("step"), report.get("totalSteps")
+    status.progress = Progress(
+        step=step, total_steps=total, tokens=report.get("tokens"), loss=report.get("loss"),
+        tokens_per_second=report.get("tokensPerSecond"), percent=_percent(step, total), eta=_eta(report),
+        stage=report.get("stage"), reward=report.get("reward"), updated_at=report.get("time"),
+    )
+    ckpt = report.get("lastCheckpoint")
+    if isinstance(ckpt, dict) and ckpt.get("uri") and ckpt.get("step") is not None:
+        status.last_checkpoint = CheckpointRef(uri=ckpt["uri"], step=ckpt["step"], time=ckpt.get("time"))
+
+
+class _Planner:
+    def __init__(self, ctx: JobContext, observed: Observed, now: datetime) -> None:
+        self.ctx, self.observed, self.now = ctx, observed, now
+        self.obj, self.spec = ctx.obj, ctx.spec
+        self.gen = ctx.obj["metadata"].get("generation")
+        self.old = _status(ctx.obj)
+        self.status = self.old.model_copy(deep=True)
+        self.status.observed_generation = self.gen
+        self.plan = Plan(status=self.status)
+        self.failure_reason: str | None = None
+        self.backend = gang.backend(self.spec.scheduling)
+        self.current = [p for p in observed.pods if pods.attempt(p) == self.status.attempt]
+        self.stale = [p for p in observed.pods if pods.attempt(p) != self.status.attempt]
+
+    # --- helpers -------------------------------------------------------------------------------------
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.plan.events.append(Event(type_, reason, message))
+
+    def requeue(self, seconds: float) -> None:
+        seconds = max(0.5, seconds)
+        cur = self.plan.requeue_after
+        self.plan.requeue_after = seconds if cur is None else min(cur, seconds)
+
+    def delete_all_pods(self) -> None:
+        for p in self.observed.pods:
+            if not pods.deleting(p) and pods.name(p) not in self.plan.delete_pods:
+                self.plan.delete_pods.append(pods.name(p))
+
+    def teardown(self, reason: str, message: str, *, failure: bool) -> None:
+        """Stop the whole gang and move to the next attempt; failures spend the restart budget."""
+        self.delete_all_pods()
+        self.status.attempt += 1
+        self.status.gang_created_at = None
+        if failure:
+            delay = self.spec.run_policy.backoff_seconds * (2 ** self.status.restarts)
+            self.status.restarts += 1
+        else:
+            delay = self.spec.run_policy.backoff_seconds if reason == "GangScheduleTimeout" else 0
+            self.status.preemptions += 1
+        delay = min(delay, self.ctx.backoff_cap_seconds)
+        self.status.backoff_until = rfc3339(self.now + timedelta(seconds=delay)) if delay else None
+        self.status.phase = "Restarting"
+        self.status.message = message
+        self.event("Warning", reason, f"{message}; restarting the gang as attempt {self.status.attempt}"
+                   + (f" in {delay}s" if delay else ""))
+
+    def finish(self, succeeded: bool, reason: str, message: str) -> None:
+        self.status.phase = "Succeeded" if succeeded else "Failed"
+        self.status.completion_time = rfc3339(self.now)
+        self.status.message = message
+        self.status.backoff_until = None
+        self.failure_reason = None if succeeded else reason
+        self.event("Normal" if succeeded else "Warning", reason, message)
+        if not succeeded:
+            self.delete_all_pods()
+
+    # --- the decision ------------------------------------------------------------------------------
+    def run(self) -> Plan:
+        self.decide()
+        self.progress()
+        self.conditions()
+        if self.old.phase != self.status.phase and self.status.phase and not self.plan.events:
+            # a transition nobody announced more specifically above
+            self.event("Warning" if self.status.phase in ("Failed", "Restarting") else "Normal",
+                       self.status.phase, self.status.message or self.status.phase)
+        return self.plan
+
+    def decide(self) -> None:
+        s = self.status
+        if s.phase in TERMINAL:
+            return self.terminal()
+        src = self.observed.source
+        if src.failed:
+            return self.finish(False, "SourceFailed", src.failed)
+        if src.waiting:
+            s.phase, s.message = "Pending", src.waiting
+            self.requeue(10)
+            return None
+        if src.uri:
+            s.resolved_model_uri = src.uri
+        deadline = self.spec.run_policy.active_deadline_seconds
+        started = parse_time(s.start_time)
+        if deadline and started and self.now - started > timedelta(seconds=deadline):
+            return self.finish(False, "DeadlineExceeded", f"job ran longer than activeDeadlineSeconds ({deadline}s)")
+        if deadline and started:
+            self.requeue((started + timedelta(seconds=deadline) - self.now).total_seconds() + 1)
+        if self.spec.run_policy.suspend:
+            return self.suspend()
+        if self.backend == "kueue" and not self.kueue_admitted():
+            return None
+        return self.gang()
+
+    def terminal(self) -> None:
+        for p in self.observed.pods:  # a failed gang's survivors must not hold GPUs
+            if not pods.deleting(p) and pods.phase(p) not in TERMINAL:
+                self.plan.delete_pods.append(pods.name(p))
+        wl = self.observed.workload
+        if wl is not None and not kueue.is_finished(wl):
+            self.plan.workload_status_patch = kueue.finished_patch(
+                wl, self.status.phase == "Succeeded", self.status.message or "", self.now)
+        ttl = self.spec.run_policy.ttl_seconds_after_finished
+        done = parse_time(self.status.completion_time)
+        if ttl is not None and done is not None:
+            left = (done + timedelta(seconds=ttl) - self.now).total_seconds()
+            if left <= 0:
+                self.plan.delete_job = True
+                self.event("Normal", "TTLExpired", f"deleted {ttl}s after it finished (ttlSecondsAfterFinished)")
+            else:
+                self.requeue(left)
+
+    def suspend(self) -> None:
+        s = self.status
+        if self.current:
+            self.delete_all_pods()
+            s.attempt += 1  # a user's suspension is no preemption: no counter moves
+            s.gang_created_at = None
+        elif self.stale:
+            self.delete_all_pods()
+        remaining = self.observed.pods
+        s.phase = "Suspended"
+        s.backoff_until = None
+        s.message = (f"stopping {len(remaining)} pods (each writes a checkpoint first)" if remaining
+                     else "suspended; set spec.runPolicy.suspend=false to resume from the last checkpoint")
+        if self.backend == "kueue":
+            self.ensure_workload(active=False)
+
+    def ensure_workload(self, active: bool) -> dict[str, Any] | None:
+        sched = self.spec.scheduling
+        desired = kueue.desired_workload(
+            self.obj, self.ctx.workload_version, sched.queue_name or "",
+            self.ctx.builder.pod_sets(self.status.attempt), sched.priority,
+            self.spec.resources.priority_class_name, active)
+        self.plan.workload = desired
+        return self.observed.workload
+
+    def kueue_admitted(self) -> bool:
+        """Kueue gate: True when the gang may run now; otherwise the plan says what to do meanwhile."""
+        s = self.status
+        wl = self.ensure_workload(active=True)
+        if wl is None:
+            s.phase, s.message = "Queued", f"created Kueue Workload; waiting in queue {self.spec.scheduling.queue_name}"
+            return False
+        evicted = kueue.eviction(wl)
+        if evicted:
+            if self.current:
+                self.teardown("Evicted", f"Kueue evicted the workload ({evicted})", failure=False)
+            elif not self.observed.pods and kueue.holds_quota(wl):
+                self.plan.workload_status_patch = kueue.release_quota_patch(wl, evicted, self.now)
+            elif self.observed.pods:
+                self.delete_all_pods()
+            s.phase, s.message = "Queued", f"evicted by Kueue ({evicted}); waiting to be admitted again"
+            s.backoff_until = None
+            return False
+        if kueue.admission(wl) is None:
+            if self.current:
+                self.teardown("AdmissionWithdrawn", "Kueue withdrew the admission", failure=False)
+            s.phase, s.message = "Queued", f"waiting for Kueue to admit the workload (queue {self.spec.scheduling.queue_name})"
+            s.backoff_until = None
+            return False
+        return True
+
+    def placement(self) -> dict[str, dict[str, Any]]:
+        adm = kueue.admission(self.observed.workload) if self.backend == "kueue" else None
+        if adm is None:
+            return {}
+        return {ps: kueue.pod_placement(adm, ps, self.observed.flavors) for ps in adm.flavors}
+
+    def gang(self) -> None:
+        s = self.status
+        if self.stale:
+            self.delete_all_pods_of(self.stale)
+            s.phase = "Restarting"
+            s.message = s.message or "waiting for the previous gang's pods to terminate"
+            self.requeue(2)
+            return
+        if not self.current:
+            until = parse_time(s.backoff_until)
+            if until and until > self.now:
+                s.phase = "Restarting"
+                self.requeue((until - self.now).total_seconds())
+                return
+            return self.create_gang()
+        return self.watch_gang()
+
+    def delete_all_pods_of(self, group: list[dict[str, Any]]) -> None:
+        for p in group:
+            if not pods.deleting(p) and pods.name(p) not in self.plan.delete_pods:
+                self.plan.delete_pods.append(pods.name(p))
+
+    def create_gang(self) -> None:
+        s = self.status
+        b = self.ctx.builder
+        self.plan.create.extend(b.support_children(self.backend))
+        self.plan.create.extend(b.pods(s.attempt, self.placement(), self.backend))
+        s.gang_created_at = rfc3339(self.now)
+        s.backoff_until = None
+        s.phase = "Starting"
+        s.message = f"created gang of {b.gang_size()} pods (attempt {s.attempt})"
+        self.event("Normal", "GangCreated", s.message)
+        if self.backend in ("builtin", "coscheduling"):
+            self.requeue(self.spec.scheduling.schedule_timeout_seconds + 1)
+
+    def watch_gang(self) -> None:
+        s = self.status
+        size = self.ctx.builder.gang_size()
+        cur = self.current
+        if s.gang_created_at is None:  # pods exist but the write that recorded them was lost
+            s.gang_created_at = rfc3339(self.now)
+        for p in sorted(cur, key=pods.index):
+            if pods.phase(p) == "Failed" and pods.exit_code(p) == contract.EXIT_INVALID_SPEC:
+                msg = pods.termination_message(p) or "the runtime rejected the spec"
+                return self.finish(False, "InvalidSpec", f"{pods.name(p)}: {msg}")
+        for p in sorted(cur, key=pods.index):
+            why = pods.disrupted(p) or ("deleted" if pods.deleting(p) else None)
+            if why:
+                return self.teardown("Preempted", f"pod {pods.name(p)} was taken away ({why})", failure=False)
+        failed = [p for p in sorted(cur, key=pods.index) if pods.phase(p) == "Failed"]
+        if failed:
+            p = failed[0]
+            detail = f"pod {pods.name(p)} failed with exit code {pods.exit_code(p)}"
+            msg = pods.termination_message(p)
+            if msg and not msg.startswith("{"):
+                detail += f": {msg[-300:]}"
+            return self.fail_or_restart("PodFailed", detail)
+        if len(cur) < size:
+            present = {pods.index(p) for p in cur}
+            missing = [i for i in range(size) if i not in present]
+            return self.teardown("PodMissing", f"gang pods {missing} disappeared", failure=False)
+        if all(pods.phase(p) == "Succeeded" for p in cur):
+            return self.succeed()
+        all_running = all(pods.phase(p) in ("Running", "Succeeded") for p in cur)
+        created = parse_time(s.gang_created_at)
+        if not all_running:
+            s.phase = "Starting"
+            running = sum(pods.phase(p) == "Running" for p in cur)
+            s.message = f"{running}/{size} pods running"
+            timeout = self.spec.scheduling.schedule_timeout_seconds
+            if self.backend in ("builtin", "coscheduling") and gang.builtin_timed_out(False, created, timeout, self.now):
+                return self.teardown(
+                    "GangScheduleTimeout",
+                    f"only {running}/{size} pods were running after scheduleTimeoutSeconds ({timeout}s); "
+                    "released the partial gang", failure=False)
+            return None
+        s.phase = "Running"
+        s.message = f"{size}/{size} pods running (attempt {s.attempt})"
+        s.start_time = s.start_time or rfc3339(self.now)
+        return self.check_progress_deadline(created)
+
+    def check_progress_deadline(self, gang_created: datetime | None) -> None:
+        deadline = self.spec.run_policy.progress_deadline_seconds
+        if not deadline:
+            return None
+        report = self.rank0_report() or {}
+        reported = parse_time(report.get("time")) if isinstance(report.get("time"), str) else None
+        last = max(t for t in (reported, gang_created, self.now - timedelta(days=3650)) if t is not None)
+        if self.now - last > timedelta(seconds=deadline):
+            return self.fail_or_restart(
+                "ProgressDeadlineExceeded", f"no progress reported for {deadline}s (progressDeadlineSeconds)")
+        self.requeue((last + timedelta(seconds=deadline) - self.now).total_seconds() + 1)
+        return None
+
+    def fail_or_restart(self, reason: str, detail: str) -> None:
+        budget = self.spec.run_policy.max_restarts
+        if self.status.restarts >= budget:
+            return self.finish(False, "BackoffLimitExceeded", f"{detail}; maxRestarts ({budget}) exhausted")
+        return self.teardown(reason, detail, failure=True)
+
+    def succeed(self) -> None:
+        rank0 = next((p for p in self.current if pods.index(p) == 0), None)
+        report = pods.final_report(rank0) if rank0 else None
+        if report and report.get("outputUri"):
+            self.status.output = Output(uri=report["outputUri"])
+            merge_progress(self.status, {**(self.rank0_report() or {}), **report})
+        self.finish(True, "Succeeded", f"training finished; model at {self.status.output.uri if self.status.output else '?'}")
+        if self.status.progress and self.status.progress.total_steps:
+            self.status.progress.percent = 100
+            self.status.progress.eta = None
+
+    def rank0_report(self) -> dict[str, Any] | None:
+        rank0 = next((p for p in self.current if pods.index(p) == 0), None)
+        return pods.progress_report(rank0) if rank0 else None
+
+    def progress(self) -> None:
+        if self.status.phase not in TERMINAL or self.old.phase not in TERMINAL:
+            merge_progress(self.status, self.rank0_report())
+            if self.status.phase == "Succeeded" and self.status.progress:
+                self.status.progress.percent = 100 if self.status.progress.total_steps else None
+                self.status.progress.eta = None
+
+    def conditions(self) -> None:
+        s, now, gen = self.status, self.now, self.gen
+        conds = s.conditions
+        phase = s.phase or "Pending"
+        msg = s.message or phase
+        if self.backend == "kueue":
+            admitted = kueue.admission(self.observed.workload) is not None
+            set_condition(conds, st.ADMITTED, admitted, "Admitted" if admitted else "Pending",
+                          "admitted by Kueue" if admitted else msg, gen, now)
+        else:
+            scheduled = phase in ("Running", "Succeeded")
+            if phase not in ("Failed",):
+                set_condition(conds, st.ADMITTED, scheduled, "GangScheduled" if scheduled else "GangPending",
+                              "the whole gang is running" if scheduled else msg, gen, now)
+        set_condition(conds, st.RUNNING, phase == "Running", phase, msg, gen, now)
+        set_condition(conds, st.SUSPENDED, phase == "Suspended", "Suspended" if phase == "Suspended" else "NotSuspended",
+                      msg if phase == "Suspended" else "", gen, now)
+        if phase == "Succeeded":
+            set_condition(conds, st.SUCCEEDED, True, "Succeeded", msg, gen, now)
+        if phase == "Failed" and self.failure_reason:
+            set_condition(conds, st.FAILED, True, self.failure_reason, msg, gen, now)
+        set_kstatus(
+            conds,
+            ready=phase == "Succeeded",
+            reconciling=phase not in ("Succeeded", "Failed", "Suspended"),
+            stalled=phase == "Failed",
+            reason=phase,
+            message=msg,
+            generation=gen,
+            now=now,
+        )
+
+
+def plan(ctx: JobContext, observed: Observed, now: datetime) -> Plan:
+    """What to do next for one training job; pure."""
+    return _Planner(ctx, observed, now).run()

@@ -1,0 +1,43 @@
+"""Operator settings, read from the environment (prefix KUBEFORGE_)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class OperatorSettings(BaseSettings):
+    """Everything the operator can be tuned by; the Helm chart sets these as env vars."""
+
+    model_config = SettingsConfigDict(env_prefix="KUBEFORGE_", extra="ignore")
+
+    namespaces: list[str] = Field(default_factory=list)
+    """Namespaces to watch (JSON list); empty = the whole cluster."""
+    resync_seconds: float = 5.0
+    """Every object is reconciled at least this often, besides on events."""
+    trainer_image: str = "ghcr.io/kubeforge/trainer:0.1.0"
+    """Default image of training pods when a spec names none."""
+    serve_image: str = "ghcr.io/kubeforge/vllm-serve:0.1.0"
+    """Default image of vLLM engine pods."""
+    router_image: str = "ghcr.io/kubeforge/router:0.1.0"
+    """Default image of router pods."""
+    python: str = "python"
+    """Interpreter the rendered commands start (the images put kubeforge's on PATH)."""
+    webhook: bool = False
+    """Serve the validating admission webhook (needs a reachable address)."""
+    webhook_host: str | None = None
+    """Host name the API server uses to reach the webhook (e.g. the Service DNS name)."""
+    webhook_listen: str = "0.0.0.0"
+    """Address the webhook server binds."""
+    webhook_port: int = 9443
+    """Port the webhook server binds."""
+    webhook_certfile: str | None = None
+    """TLS certificate of the webhook; a self-signed one is generated when unset."""
+    webhook_keyfile: str | None = None
+    """TLS key of the webhook."""
+    liveness_port: int | None = None
+    """Serve kopf's /healthz on this port."""
+    gang_backoff_max_seconds: int = 300
+    """Cap of the exponential backoff between gang restarts."""
+    autoscale_interval_seconds: float = 10.0
+    """How often serving pools' signals are read from the routers."""
