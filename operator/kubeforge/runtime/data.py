@@ -1,0 +1,303 @@
+"""Streaming, packed, resumable training data from an s3:// prefix.
+
+- Objects under `data.uri` (or the single object it names), in an order shuffled per epoch with
+  `data.shuffleSeed` (the same seed replays the same order on resume).
+- Records: one JSON line (`format: jsonl`, text in `data.textField`), or one paragraph (`format: text`:
+  lines up to a blank line; a file without blank lines is one document). Each record is a document.
+- Sharding: the running record index of the epoch modulo the data-parallel world; rank r tokenizes only its
+  records, so no rank reads another's tokens and no record is used twice in an epoch.
+- Packing: documents are tokenized, an EOS appended to each, concatenated, and cut into sequences of
+  seqLen+1 tokens that overlap by one (the last target of one sequence is the first input of the next).
+- Resume: the state (epoch, file, byte offset, record index, tokens not yet emitted) after the last sequence
+  *consumed* is part of every checkpoint; a restarted stream reads objects from that byte offset with
+  ranged GETs and produces exactly the sequences that would have come next.
+
+Written by hand because no library streams S3 objects by byte offset with resumable packing state; the
+GETs themselves are boto3 (with its retries) and a broken body stream is reopened at the current offset.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..storage import s3 as s3mod
+from ..storage.s3 import S3Uri
+from .training import InvalidSpec
+
+log = logging.getLogger(__name__)
+
+Tokenize = Callable[[list[str]], list[list[int]]]
+
+
+class S3Objects:
+    """The data objects under an s3:// prefix and byte-offset reads of them."""
+
+    def __init__(self, client: Any, uri: str) -> None:
+        self.client = client
+        self.uri = S3Uri.parse(uri)
+
+    def list(self) -> list[tuple[str, int]]:
+        objs = [(o["Key"], int(o["Size"])) for o in s3mod.list_objects(self.client, self.uri) if "Key" in o]
+        if not objs and self.uri.key:  # the URI names a single object
+            try:
+                head = s3mod.retry(lambda: self.client.head_object(Bucket=self.uri.bucket, Key=self.uri.key),
+                                   what=f"HEAD {self.uri}")
+                objs = [(self.uri.key, int(head["ContentLength"]))]
+            except s3mod.ClientError:
+                objs = []
+        out = []
+        for key, size in objs:
+            base = key.rsplit("/", 1)[-1]
+            if size > 0 and base and not base.startswith((".", "_")):
+                out.append((key, size))
+        return sorted(out)
+
+    def read(self, key: str, offset: int, size: int, chunk: int = 1 << 20) -> Iterator[bytes]:
+        """Bytes of an object from `offset`; a stream that breaks is reopened where it stopped."""
+        pos, failures = offset, 0
+        while pos < size:
+            try:
+                body = self.client.get_object(Bucket=self.uri.bucket, Key=key, Range=f"bytes={pos}-")["Body"]
+                for block in body.iter_chunks(chunk):
+                    pos += len(block)
+                    failures = 0
+                    yield block
+                return
+            except Exception as exc:  # noqa: BLE001
+                failures += 1
+                if failures > 5 or not s3mod.is_transient(exc):
+                    raise
+                log.warning("reading s3://%s/%s at %d failed (%s); reopening", self.uri.bucket, key, pos, exc)
+                time.sleep(min(10.0, 0.5 * 2 ** failures))
+
+
+@dataclass
+class StreamState:
+    epoch: int = 0
+    file_pos: int = 0  # index into the epoch's file order
+    offset: int = 0  # byte offset in that file of the next unread record
+    record: int = 0  # running record index within the epoch (for sharding)
+    epoch_tokens: int = 0  # tokens this rank produced in this epoch (detects an empty shard)
+    buffer: list[int] = field(default_factory=list)  # tokenized, not yet emitted
+
+    def position(self) -> tuple[int, int, int]:
+        return (self.epoch, self.file_pos, self.offset)
+
+
+def _lines(chunks: Iterator[bytes], start: int) -> Iterator[tuple[bytes, int]]:
+    """(line without newline, byte offset just after it) for each line of a byte stream."""
+    pending = bytearray()
+    pos = start
+    for block in chunks:
+        pending += block
+        begin = 0
+        while (i := pending.find(b"\n", begin)) >= 0:
+            pos += i + 1 - begin
+            yield bytes(pending[begin:i]), pos
+            begin = i + 1
+        del pending[:begin]
+    if pending:
+        yield bytes(pending), pos + len(pending)
+
+
+class PackedStream:
+    """This rank's packed training sequences; see the module docstring."""
+
+    def __init__(
+        self,
+        source: S3Objects,
+        tokenize: Tokenize,
+        eos_id: int,
+        seq_len: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_seed: int = 0,
+        fmt: str = "jsonl",
+        text_field: str = "text",
+        batch_records: int = 64,
+    ) -> None:
+        self.source = source
+        self.tokenize = tokenize
+        self.eos_id = eos_id
+        self.seq_len = seq_len
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle_seed = shuffle_seed
+        self.fmt = fmt
+        self.text_field = text_field
+        self.batch_records = batch_records
+        self.files = source.list()
+        if not self.files:
+            raise InvalidSpec(f"no data objects under {source.uri}", "spec.data.uri")
+        self.state = StreamState()
+        self.bad_records = 0
+
+    # ------------------------------------------------------------------------------------ ordering
+    def order(self, epoch: int) -> list[tuple[str, int]]:
+        files = list(self.files)
+        random.Random(f"{self.shuffle_seed}:{epoch}").shuffle(files)
+        return files
+
+    # ------------------------------------------------------------------------------------ records
+    def _records(self, key: str, size: int, offset: int) -> Iterator[tuple[str | None, int]]:
+        """(document text or None for an unusable record, offset after the record) from `offset` on."""
+        lines = _lines(self.source.read(key, offset, size), offset)
+        if self.fmt == "jsonl":
+            for raw, end in lines:
+                if not raw.strip():
+                    continue
+                try:
+                    text = json.loads(raw)[self.text_field]
+                    yield (text if isinstance(text, str) and text else None), end
+                except (ValueError, KeyError, TypeError):
+                    yield None, end
+            return
+        para: list[str] = []
+        for raw, end in lines:
+            line = raw.decode("utf-8", errors="replace")
+            if line.strip():
+                para.append(line)
+            elif para:
+                yield "\n".join(para), end
+                para = []
+        if para:
+            yield "\n".join(para), size
+
+    def _fill(self) -> None:
+        """Tokenize this rank's next records into the buffer, advancing the state past them."""
+        st = self.state
+        order = self.order(st.epoch)
+        if st.file_pos >= len(order):
+            if st.epoch_tokens == 0:
+                raise InvalidSpec(
+                    f"data under {self.source.uri} yielded no tokens for rank {self.rank} of "
+                    f"{self.world_size} in a whole pass (empty files, wrong textField or format?)",
+                    "spec.data")
+            st.epoch, st.file_pos, st.offset, st.record, st.epoch_tokens = st.epoch + 1, 0, 0, 0, 0
+            log.info("data: starting epoch %d", st.epoch)
+            return
+        key, size = order[st.file_pos]
+        mine: list[str] = []
+        record, offset = st.record, st.offset
+        for text, end in self._records(key, size, st.offset):
+            if record % self.world_size == self.rank:
+                if text is None:
+                    self.bad_records += 1
+                    if self.bad_records <= 3:
+                        log.warning("data: skipping a record in %s without a %r string", key, self.text_field)
+                else:
+                    mine.append(text)
+            record, offset = record + 1, end
+            if len(mine) >= self.batch_records:
+                break
+        else:  # end of the object
+            offset = size
+        if mine:
+            ids = self.tokenize(mine)
+            added = 0
+            for doc in ids:
+                st.buffer.extend(doc)
+                st.buffer.append(self.eos_id)
+                added += len(doc) + 1
+            st.epoch_tokens += added
+        st.record = record
+        if offset >= size:
+            st.file_pos, st.offset = st.file_pos + 1, 0
+        else:
+            st.offset = offset
+
+    def next_sequence(self) -> list[int]:
+        n = self.seq_len + 1
+        while len(self.state.buffer) < n:
+            self._fill()
+        seq = self.state.buffer[:n]
+        del self.state.buffer[: self.seq_len]
+        return seq
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            yield self.next_sequence()
+
+    # ------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self.state) | {"world_size": self.world_size, "rank": self.rank}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.state = StreamState(**{k: d[k] for k in StreamState.__dataclass_fields__ if k in d})
+        self.state.buffer = list(self.state.buffer)
+
+    def load_gang_state(self, states: dict[int, dict[str, Any]]) -> None:
+        """Restore from the saved states of every rank. Same world size: each rank continues its own stream
+        exactly. Different world size: every rank restarts at the earliest saved position with the new
+        sharding (some records are seen again, none is skipped)."""
+        if not states:
+            return
+        saved_world = int(next(iter(states.values())).get("world_size", len(states)))
+        if saved_world == self.world_size and self.rank in states:
+            self.load_state_dict(states[self.rank])
+            return
+        earliest = min(states.values(), key=lambda s: (s["epoch"], s["file_pos"], s["offset"]))
+        log.warning("data: world size changed %d -> %d; resuming every rank at epoch %d file %d offset %d",
+                    saved_world, self.world_size, earliest["epoch"], earliest["file_pos"], earliest["offset"])
+        self.load_state_dict(dict(earliest, buffer=[], epoch_tokens=1))
+
+
+class Prefetcher:
+    """Produces batches of sequences on a background thread; state_dict() is the stream state after the
+    last batch *handed out*, so a checkpoint never skips prefetched-but-unused data."""
+
+    def __init__(self, stream: PackedStream, batch_size: int, depth: int = 4) -> None:
+        self.stream = stream
+        self.batch_size = batch_size
+        self.q: queue.Queue[tuple[Any, dict[str, Any]] | BaseException] = queue.Queue(depth)
+        self._state = stream.state_dict()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="data-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import torch
+
+        try:
+            while not self._stop.is_set():
+                seqs = [self.stream.next_sequence() for _ in range(self.batch_size)]
+                item = (torch.tensor(seqs, dtype=torch.long), self.stream.state_dict())
+                while not self._stop.is_set():
+                    try:
+                        self.q.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self.q.put(exc)
+
+    def next(self) -> Any:
+        item = self.q.get()
+        if isinstance(item, BaseException):
+            raise item
+        batch, self._state = item
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the producer and wait for it, so no thread runs torch code while the interpreter exits."""
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self.q.get_nowait()  # unblock a producer waiting on a full queue
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=0.05)
+            timeout -= 0.05
+            if timeout <= 0:
+                break
