@@ -177,8 +177,8 @@ class _Planner:
         self.status.backoff_until = None
         self.failure_reason = None if succeeded else reason
         self.event("Normal" if succeeded else "Warning", reason, message)
-        if not succeeded:
-            self.delete_all_pods()
+        if not succeeded:  # stop survivors; finished pods stay for their logs (they hold no resources)
+            self.terminal_cleanup()
 
     # --- the decision ------------------------------------------------------------------------------
     def run(self) -> Plan:
@@ -216,10 +216,13 @@ class _Planner:
             return None
         return self.gang()
 
-    def terminal(self) -> None:
+    def terminal_cleanup(self) -> None:
         for p in self.observed.pods:  # a failed gang's survivors must not hold GPUs
-            if not pods.deleting(p) and pods.phase(p) not in TERMINAL:
+            if not pods.deleting(p) and pods.phase(p) not in TERMINAL and pods.name(p) not in self.plan.delete_pods:
                 self.plan.delete_pods.append(pods.name(p))
+
+    def terminal(self) -> None:
+        self.terminal_cleanup()
         wl = self.observed.workload
         if wl is not None and not kueue.is_finished(wl):
             self.plan.workload_status_patch = kueue.finished_patch(
