@@ -7,8 +7,8 @@ Modes (env KUBEFORGE_PROGRESS):
 - `file:<path>`: append one JSON object per line (local runs and tests).
 - `off`.
 
-Reports go through a background thread that always sends the newest one, so a slow or failing API server
-never slows or stops training: failures are logged and the next report tries again.
+Reports go through a background thread and a bounded queue, so a slow or failing API server never slows
+or stops training: failures are logged and the next report tries again.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -119,7 +120,7 @@ class Reporter:
         self.sink = sink
         self.min_interval = min_interval
         self._last_sent = -1e9
-        self._pending: dict[str, Any] | None = None
+        self._pending: deque[dict[str, Any]] = deque(maxlen=64)  # oldest dropped if the sink stalls
         self._cv = threading.Condition()
         self._busy = False
         self._closed = False
@@ -141,18 +142,18 @@ class Reporter:
             return False
         self._last_sent = now
         with self._cv:
-            self._pending = progress.to_json()
+            self._pending.append(progress.to_json())
             self._cv.notify()
         return True
 
     def _run(self) -> None:
         while True:
             with self._cv:
-                while self._pending is None and not self._closed:
+                while not self._pending and not self._closed:
                     self._cv.wait()
-                if self._pending is None and self._closed:
+                if not self._pending and self._closed:
                     return
-                payload, self._pending = self._pending, None
+                payload = self._pending.popleft()
                 self._busy = True
             try:
                 self.sink.send(payload)  # type: ignore[union-attr]
@@ -169,7 +170,7 @@ class Reporter:
             return
         deadline = time.monotonic() + timeout
         with self._cv:
-            while (self._pending is not None or self._busy) and time.monotonic() < deadline:
+            while (self._pending or self._busy) and time.monotonic() < deadline:
                 self._cv.wait(timeout=max(0.01, deadline - time.monotonic()))
 
     def close(self, timeout: float = 10.0) -> None:

@@ -1,0 +1,319 @@
+"""The PretrainJob runtime: pure pieces, the data stream on a real S3 server, and real torchrun training of a
+tiny Llama on CPU (2 processes over gloo) with preemption, a killed worker, resume and the final export."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from kubeforge import contract
+from kubeforge.runtime import dist as kdist
+from kubeforge.runtime import localrun
+from kubeforge.runtime.checkpointing import owner_rank
+from kubeforge.runtime.data import PackedStream, S3Objects
+from kubeforge.runtime.launch import exit_code_for
+from kubeforge.runtime.report import FileSink, Progress, Reporter, sink_from_env, write_termination_message
+from kubeforge.runtime.tinymodel import tiny_llama_config
+from kubeforge.runtime.training import InvalidSpec, lr_factor, plan
+from kubeforge.storage import CheckpointStore, make_client
+
+ROOT = Path(__file__).resolve().parents[2]
+CORPUS = ROOT / "examples" / "data" / "tiny-corpus.jsonl"
+
+
+# ------------------------------------------------------------------------------------------ pure pieces
+
+
+def _training(**kw: Any) -> SimpleNamespace:
+    base = {"total_steps": None, "total_tokens": None, "seq_len": 128, "global_batch_size": 8,
+            "micro_batch_size": 2}
+    return SimpleNamespace(**(base | kw))
+
+
+def test_plan_batch_arithmetic_and_token_budget() -> None:
+    p = plan(_training(total_steps=10), world_size=2)
+    assert (p.grad_accum, p.total_steps, p.tokens_per_step) == (2, 10, 1024)
+    assert plan(_training(total_tokens=10_000), world_size=4).total_steps == math.ceil(10_000 / 1024)
+    with pytest.raises(InvalidSpec, match="globalBatchSize"):
+        plan(_training(total_steps=1, global_batch_size=6), world_size=2)  # 6 % (2 x 2) != 0
+    with pytest.raises(InvalidSpec, match="exactly one"):
+        plan(_training(total_steps=1, total_tokens=5), world_size=1)
+
+
+def test_lr_schedule() -> None:
+    f = [lr_factor(s, 100, 10, "cosine", 0.1) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warmup
+    assert f[10] == pytest.approx(1.0) and f[-1] == pytest.approx(0.1)  # cosine down to minLrRatio
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert lr_factor(55, 100, 10, "linear", 0.0) == pytest.approx(1 - 45 / 89)
+    assert lr_factor(99, 100, 0, "constant", 0.1) == 1.0
+
+
+def test_device_decides_backend_strategy_and_precision() -> None:
+    cpu = kdist.choose("ddp", "auto", cuda_available=False)
+    assert (cpu.backend, cpu.strategy, cpu.precision) == ("gloo", "ddp", "fp32")
+    cpu_fsdp = kdist.choose("fsdp", "auto", cuda_available=False)
+    assert cpu_fsdp.strategy == "ddp" and "gloo" in cpu_fsdp.note
+    gpu = kdist.choose("fsdp", "auto", cuda_available=True)
+    assert (gpu.backend, gpu.strategy, gpu.precision) == ("nccl", "fsdp", "bf16")
+    assert kdist.choose("ddp", "fp32", cuda_available=True).precision == "fp32"
+    env = kdist.DistEnv.from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                                  "GROUP_RANK": "1"})
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.node_rank) == (3, 4, 1, 2, 1)
+
+
+def test_block_classes_for_fsdp_wrapping() -> None:
+    from kubeforge.runtime.tinymodel import build_model
+
+    model = build_model(tiny_llama_config())
+    assert [c.__name__ for c in kdist.block_classes(model)] == ["LlamaDecoderLayer"]
+
+
+def test_exit_codes_and_shard_owners() -> None:
+    assert exit_code_for([78, -15]) == contract.EXIT_INVALID_SPEC
+    assert exit_code_for([-15, 143]) == contract.EXIT_PREEMPTED
+    assert exit_code_for([-9, -15]) == 1 and exit_code_for([]) == 0
+    assert owner_rank("__3_0.distcp") == 3 and owner_rank(".metadata") == 0
+
+
+def test_reporter_rate_limits_and_survives_failures(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    r = Reporter(FileSink(str(path)), min_interval=60)
+    assert r.report(Progress(step=1, total_steps=10, tokens=5, loss=2.0))
+    assert not r.report(Progress(step=2, total_steps=10, tokens=10))  # rate-limited
+    assert r.report(Progress(step=3, total_steps=10, tokens=15, last_checkpoint={"uri": "s3://b/x", "step": 3,
+                                                                                   "time": "t"}), force=True)
+    r.close()
+    lines = localrun.read_progress(path)
+    assert [x["step"] for x in lines] == [1, 3]
+    assert set(lines[1]) >= {"step", "totalSteps", "tokens", "loss", "tokensPerSecond", "lastCheckpoint", "time"}
+
+    class Broken(FileSink):
+        def send(self, payload: dict[str, Any]) -> None:
+            raise ConnectionError("api server down")
+
+    broken = Reporter(Broken(str(tmp_path / "x")))
+    assert broken.report(Progress(step=1, total_steps=1, tokens=1), force=True)
+    broken.close()  # logged, not raised
+
+    assert sink_from_env({}) is None  # not in a cluster, no mode: off
+    assert isinstance(sink_from_env({contract.ENV_PROGRESS_MODE: f"file:{path}"}), FileSink)
+    assert sink_from_env({contract.ENV_PROGRESS_MODE: "pod-annotation"}) is None  # no pod name: off, no crash
+    write_termination_message({"x": 1}, {contract.ENV_TERMINATION_LOG: "/proc/definitely/not/writable"})
+
+
+# ------------------------------------------------------------------------------------------ data stream
+
+
+def _put_docs(client: Any, bucket: str, prefix: str, files: dict[str, list[str]]) -> None:
+    for name, docs in files.items():
+        body = "".join(json.dumps({"text": d}) + "\n" for d in docs)
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=body.encode())
+
+
+def _byte_tok(texts: list[str]) -> list[list[int]]:
+    return [list(t.encode()) for t in texts]
+
+
+def _stream(client: Any, uri: str, rank: int = 0, world: int = 1, **kw: Any) -> PackedStream:
+    return PackedStream(S3Objects(client, uri), _byte_tok, eos_id=257, seq_len=kw.pop("seq_len", 16), rank=rank,
+                        world_size=world, **kw)
+
+
+def test_stream_packs_shards_and_resumes_exactly(s3_client: Any, bucket: str) -> None:
+    docs = {f"part-{i}.jsonl": [f"doc {i}-{j} " + "x" * (j % 7) for j in range(40)] for i in range(3)}
+    _put_docs(s3_client, bucket, "d", docs)
+    s3_client.put_object(Bucket=bucket, Key="d/_SUCCESS", Body=b"")
+    uri = f"s3://{bucket}/d"
+
+    a = _stream(s3_client, uri)
+    seqs = [a.next_sequence() for _ in range(30)]
+    assert all(len(s) == 17 for s in seqs)
+    assert all(s[-1] == t[0] for s, t in zip(seqs, seqs[1:]))  # consecutive sequences overlap by one token
+    assert 257 in sum(seqs, [])  # EOS between documents
+    # deterministic: the same seed gives the same stream
+    again = _stream(s3_client, uri)
+    assert [again.next_sequence() for _ in range(5)] == seqs[:5]
+
+    # resumable: a fresh stream loaded with the state continues exactly
+    b = _stream(s3_client, uri)
+    for _ in range(11):
+        b.next_sequence()
+    c = _stream(s3_client, uri)
+    c.load_state_dict(json.loads(json.dumps(b.state_dict())))  # survives a JSON round trip
+    assert [c.next_sequence() for _ in range(19)] == seqs[11:]
+
+    # sharded: two ranks see disjoint documents that together are the whole epoch
+    shards = {r: _stream(s3_client, uri, r, 2, seq_len=64) for r in (0, 1)}
+    texts = {r: bytes(t for _ in range(10) for t in shards[r].next_sequence()[:-1] if t < 256).decode()
+             for r in (0, 1)}
+    seen = {r: {d for f in docs.values() for d in f if d in texts[r]} for r in (0, 1)}
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+
+
+def test_stream_text_format_and_epochs(s3_client: Any, bucket: str) -> None:
+    s3_client.put_object(Bucket=bucket, Key="t/a.txt", Body=b"first para\nline two\n\nsecond para\n")
+    s = _stream(s3_client, f"s3://{bucket}/t", fmt="text", seq_len=8)
+    toks = sum((s.next_sequence()[:-1] for _ in range(12)), [])
+    text = bytes(t if t < 256 else ord("|") for t in toks).decode()
+    assert text.startswith("first para\nline two|second para|first para")  # paragraph = document, epoch 2
+    assert s.state.epoch >= 1
+
+
+def test_stream_rejects_empty_data(s3_client: Any, bucket: str) -> None:
+    with pytest.raises(InvalidSpec, match="no data objects"):
+        _stream(s3_client, f"s3://{bucket}/nothing")
+    _put_docs(s3_client, bucket, "w", {"a.jsonl": ["x"]})
+    s3_client.put_object(Bucket=bucket, Key="w/b.jsonl", Body=b'{"content": "wrong field"}\n')
+    s = _stream(s3_client, f"s3://{bucket}/w/b.jsonl")
+    with pytest.raises(InvalidSpec, match="no tokens"):
+        s.next_sequence()
+
+
+# ------------------------------------------------------------------------------------------ torchrun
+
+
+class Run:
+    """One pod's worth of runtime: the launcher as a subprocess with its own progress/termination files."""
+
+    def __init__(self, tmp: Path, tag: str, job: dict[str, Any], s3_env: dict[str, str], nproc: int = 2) -> None:
+        self.dir = tmp / tag
+        self.dir.mkdir(parents=True)
+        spec = localrun.write_job(job, self.dir / "job.json")
+        self.progress_file = self.dir / "progress.jsonl"
+        self.term = self.dir / "termination-log"
+        env = localrun.runtime_env(s3_env, spec, tmp / "work", self.progress_file, self.term)
+        self.log = (self.dir / "out.log").open("w")
+        self.proc = subprocess.Popen(localrun.launch_argv(nproc, localrun.free_port()), env=env, cwd=ROOT,
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def progress(self) -> list[dict[str, Any]]:
+        return localrun.read_progress(self.progress_file)
+
+    def wait_for(self, pred: Any, timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for p in self.progress():
+                if pred(p):
+                    return p
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"condition not reached; rc={self.proc.poll()}\n{self.output()[-3000:]}")
+
+    def wait(self, timeout: float = 180) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            for pid in localrun.worker_pids(self.proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            raise
+
+    def termination(self) -> dict[str, Any]:
+        return json.loads(self.term.read_text())
+
+    def output(self) -> str:
+        self.log.flush()
+        return (self.dir / "out.log").read_text()
+
+
+def _ckpt_step(p: dict[str, Any]) -> int:
+    return (p.get("lastCheckpoint") or {}).get("step", 0)
+
+
+@pytest.fixture
+def corpus_uri(s3_client: Any, bucket: str) -> str:
+    s3_client.upload_file(str(CORPUS), bucket, "data/tiny-corpus.jsonl")
+    return f"s3://{bucket}/data"
+
+
+def _job(corpus_uri: str, bucket: str, **training: Any) -> dict[str, Any]:
+    return localrun.pretrain_job(
+        "tiny", corpus_uri, f"s3://{bucket}/ckpt",
+        model={"config": tiny_llama_config(), "tokenizer": {"builtin": "byte"}},
+        training={"totalSteps": 60, "seqLen": 64, "globalBatchSize": 8, "microBatchSize": 2, **training},
+        optimizer={"lr": 3e-3, "warmupSteps": 5},
+        checkpoint={"intervalSteps": 10, "keep": 2},
+    )
+
+
+def test_train_preempt_kill_resume_and_export(s3_env: dict[str, str], bucket: str, corpus_uri: str,
+                                              tmp_path: Path) -> None:
+    job = _job(corpus_uri, bucket)
+    store = CheckpointStore(f"s3://{bucket}/ckpt", client=make_client(env=s3_env))
+
+    # 1) train until a checkpoint at step >= 20 is committed, then SIGTERM the pod's main process: the
+    #    workers finish the step, checkpoint, and the launcher exits 143
+    first = Run(tmp_path, "run1", job, s3_env)
+    first.wait_for(lambda p: _ckpt_step(p) >= 20)
+    os.kill(first.proc.pid, signal.SIGTERM)
+    assert first.wait() == contract.EXIT_PREEMPTED, first.output()[-3000:]
+    assert first.termination()["reason"] == "Preempted"
+    p1 = first.progress()
+    stopped_at = p1[-1]["step"]
+    assert _ckpt_step(p1[-1]) == stopped_at  # the last report names the checkpoint taken on SIGTERM
+    assert store.latest_committed_checkpoint().step == stopped_at  # type: ignore[union-attr]
+    losses1 = [p["loss"] for p in p1 if p["loss"] is not None]
+    assert losses1[-1] < losses1[0] < math.log(259) + 0.5  # learning
+
+    # 2) resume, then a worker dies hard (OOM-kill, node loss) after the next commit
+    second = Run(tmp_path, "run2", job, s3_env)
+    start2 = second.wait_for(lambda p: True)
+    assert start2["step"] == stopped_at  # resumed by itself from the newest committed checkpoint
+    second.wait_for(lambda p: _ckpt_step(p) > stopped_at)
+    victim = localrun.worker_pids(second.proc.pid)[-1]
+    os.kill(victim, signal.SIGKILL)
+    assert second.wait() not in (0, contract.EXIT_PREEMPTED, contract.EXIT_INVALID_SPEC)
+    committed = store.latest_committed_checkpoint()
+    assert committed is not None and committed.step > stopped_at
+
+    # 3) resume again and finish: the final model is exported to <checkpoint.uri>/final
+    third = Run(tmp_path, "run3", job, s3_env)
+    assert third.wait() == 0, third.output()[-3000:]
+    p3 = third.progress()
+    assert p3[0]["step"] == committed.step and p3[0]["loss"] is not None
+    assert p3[0]["loss"] < losses1[0]  # not back at the initial loss
+    result = third.termination()
+    assert result["outputUri"] == f"s3://{bucket}/ckpt/final" and result["step"] == 60
+    assert result["tokens"] == 60 * 8 * 64 and result["loss"] < losses1[0]
+    assert p3[-1]["outputUri"] == result["outputUri"] and _ckpt_step(p3[-1]) == 60
+    assert [c.step for c in store.committed_checkpoints()] == [50, 60]  # keep: 2
+
+    # the export is a normal Hugging Face directory
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = tmp_path / "final"
+    store.download_final(local)
+    model = AutoModelForCausalLM.from_pretrained(str(local))
+    tok = AutoTokenizer.from_pretrained(str(local))
+    ids = tok("The capital of ", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > ids.shape[1]
+    assert tok.decode(out[0][ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_invalid_specs_exit_78_with_reason(s3_env: dict[str, str], bucket: str, corpus_uri: str,
+                                           tmp_path: Path) -> None:
+    # found before any process group: globalBatchSize 6 does not split over 2 processes x microBatch 2
+    bad = Run(tmp_path, "batch", _job(corpus_uri, bucket, globalBatchSize=6), s3_env)
+    assert bad.wait() == contract.EXIT_INVALID_SPEC, bad.output()[-3000:]
+    msg = bad.termination()
+    assert msg["reason"] == "InvalidSpec" and msg["field"] == "spec.training.globalBatchSize"
+
+    # found after start-up: the data prefix holds nothing
+    job = _job(f"s3://{bucket}/no-such-prefix", bucket)
+    empty = Run(tmp_path, "empty", job, s3_env, nproc=1)
+    assert empty.wait() == contract.EXIT_INVALID_SPEC, empty.output()[-3000:]
+    assert "no data objects" in empty.termination()["message"]
