@@ -195,7 +195,7 @@ def test_env_volumes_and_downward_api(cluster: ClusterHandle, namespace: str) ->
         assert os.environ['POD_IP'].startswith('127.0.'), os.environ['POD_IP']
         assert os.environ['ROLE'] == 'worker'
         assert os.environ['WHO'] == 'env-' + os.environ['POD_NAME']
-        assert os.environ['GPUS'] == '1', os.environ['GPUS']
+        assert os.environ['CPU_M'] == '500', os.environ['CPU_M']
         assert os.path.isfile(os.environ['SPEC_FILE'])
         assert os.getcwd().endswith('/work'), os.getcwd()
         print('all good')
@@ -209,10 +209,10 @@ def test_env_volumes_and_downward_api(cluster: ClusterHandle, namespace: str) ->
             {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
             {"name": "ROLE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['role']"}}},
             {"name": "WHO", "value": "env-$(POD_NAME)"},
-            {"name": "GPUS", "valueFrom": {"resourceFieldRef": {"resource": "limits.nvidia.com/gpu"}}},
+            {"name": "CPU_M", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu", "divisor": "1m"}}},
             {"name": "SPEC_FILE", "value": "/etc/kubeforge/job.json"},
         ],
-        "resources": {"limits": {"nvidia.com/gpu": "1"}},
+        "resources": {"limits": {"nvidia.com/gpu": "1", "cpu": "500m"}},
         "volumeMounts": [{"name": "spec", "mountPath": "/etc/kubeforge"},
                          {"name": "podinfo", "mountPath": "/etc/podinfo"},
                          {"name": "work", "mountPath": "/work"}],
