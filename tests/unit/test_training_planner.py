@@ -84,7 +84,7 @@ def test_new_job_creates_the_whole_gang_with_its_support_objects():
         assert labels[contract.LABEL_ATTEMPT] == "0"
         assert m["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
         cmd = m["spec"]["containers"][0]["command"]
-        assert cmd[:3] == ["python", "-m", "torch.distributed.run"]
+        assert cmd[:3] == ["python", "-m", "kubeforge.runtime.launch"]
         assert f"--node-rank={rank}" in cmd and "--nnodes=2" in cmd and cmd[-2:] == ["-m", "kubeforge.runtime.pretrain"]
         assert "--master-addr=ptj-worker-0.ptj.ns1.svc" in cmd
         env = {e["name"]: e for e in m["spec"]["containers"][0]["env"]}

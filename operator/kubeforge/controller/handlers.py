@@ -87,7 +87,8 @@ def _register(kind_name: str, plural: str) -> None:
         if name and namespace:
             _reconcile(kind_name, namespace, name)
 
-    kopf.on.validate(GROUP, VERSION, plural, id=f"validate-{plural}")(admit)
+    if SETTINGS.webhook:  # kopf refuses admission handlers without a server to serve them
+        kopf.on.validate(GROUP, VERSION, plural, id=f"validate-{plural}")(admit)
     kopf.on.event(GROUP, VERSION, plural, id=f"event-{plural}")(on_event)
     kopf.timer(GROUP, VERSION, plural, id=f"resync-{plural}", interval=SETTINGS.resync_seconds,
                sharp=False)(on_timer)

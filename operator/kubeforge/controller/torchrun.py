@@ -86,7 +86,8 @@ class TorchrunGang:
     def command(self, rank: int) -> list[str]:
         master = f"{child_name(self.name, ROLE, 0)}.{self.name}.{self.namespace}.svc"
         return [
-            self.python, "-m", "torch.distributed.run",
+            # torchrun, run in-process by a wrapper that keeps the runtime's exit codes (78, 143)
+            self.python, "-m", "kubeforge.runtime.launch",
             f"--nnodes={self.resources.num_nodes}",
             f"--nproc-per-node={self.resources.processes_per_node}",
             f"--node-rank={rank}",

@@ -29,12 +29,41 @@ def exit_code_for(worker_codes: list[int]) -> int:
     return 1 if worker_codes else contract.EXIT_OK
 
 
+def resolve_master_addr(host: str, timeout_s: float = 600.0) -> str:
+    """Rank 0's address, resolved here in Python and passed on as an IP.
+
+    Rank 0's DNS record appears only once its pod has an IP, so other ranks wait for it with backoff instead
+    of failing. Resolving in Python also lets the dev cluster's name shim (which patches Python's resolver,
+    not libc's) serve the C++ TCPStore client; in a real cluster it is plain cluster DNS either way.
+    """
+    import ipaddress
+    import socket
+    import time
+
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    deadline, delay = time.monotonic() + timeout_s, 0.5
+    while True:
+        try:
+            return str(socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0])
+        except socket.gaierror as exc:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"cannot resolve rendezvous host {host}: {exc}") from exc
+            log.info("waiting for %s to resolve (%s)", host, exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    args.master_addr = resolve_master_addr(args.master_addr)
     try:
         run(args)
     except ChildFailedError as exc:
