@@ -1,0 +1,129 @@
+"""Rendering of vLLM engine containers for InferenceDeployment pools (engine `vllm`).
+
+Pure functions from the spec to the `vllm serve` command line, its environment, ports and probes. Flag and
+config names follow vLLM's own (`vllm serve --help`, `vllm/config/kv_transfer.py`, the NixlConnector guide
+and its integration scripts):
+
+  vllm serve <local dir> --served-model-name N --host 0.0.0.0 --port P --tensor-parallel-size TP
+      [--max-model-len L] [--block-size B] [--kv-transfer-config '<JSON KVTransferConfig>'] [extra args]
+
+KVTransferConfig fields used: `kv_connector`, `kv_role` (kv_producer | kv_consumer | kv_both),
+`kv_buffer_device` (cuda | cpu), `kv_load_failure_policy` (recompute | fail). NixlConnector is symmetric
+(every instance runs `kv_both`; the proxy's kv_transfer_params decide who prefills); the push-style
+connectors (P2pNccl, LMCache, Mooncake) take kv_producer on prefill and kv_consumer on decode.
+
+NIXL's handshake runs over a side channel: `VLLM_NIXL_SIDE_CHANNEL_HOST` must be an address the peer
+engines can reach (the pod IP, from the downward API) and `VLLM_NIXL_SIDE_CHANNEL_PORT` a port free in the
+pod; the prefill engine hands both to the decode engine inside kv_transfer_params.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kubeforge.api.kinds import InferenceDeploymentSpec, Pool
+
+# vLLM roles of a pool, by kubeforge pool name.
+ROLE_PREFILL, ROLE_DECODE, ROLE_BOTH = "prefill", "decode", "both"
+SYMMETRIC_CONNECTORS = frozenset({"NixlConnector"})
+
+# Big checkpoints take minutes to load and compile; the startup probe allows 30 min before liveness counts.
+STARTUP_PERIOD_S = 10
+STARTUP_FAILURES = 180
+GRACE_SECONDS = 120  # uvicorn waits for open HTTP requests on SIGTERM; long generations need the room
+
+
+def kv_role(connector: str, role: str) -> str:
+    """The kv_role of one engine: kv_both for symmetric connectors, else producer (prefill) / consumer."""
+    if connector in SYMMETRIC_CONNECTORS or role == ROLE_BOTH:
+        return "kv_both"
+    return "kv_producer" if role == ROLE_PREFILL else "kv_consumer"
+
+
+def kv_transfer_config(spec: InferenceDeploymentSpec, role: str) -> dict[str, Any] | None:
+    """The `--kv-transfer-config` object of an engine in `role`; None when aggregated (no KV transfer)."""
+    if spec.mode != "disaggregated" or role == ROLE_BOTH:
+        return None
+    kv = spec.kv_transfer
+    return {
+        "kv_connector": kv.connector,
+        "kv_role": kv_role(kv.connector, role),
+        "kv_buffer_device": kv.buffer_device,
+        "kv_load_failure_policy": kv.failure_policy,
+    }
+
+
+def vllm_command(
+    spec: InferenceDeploymentSpec, pool: Pool, role: str, model_dir: str, served_name: str
+) -> list[str]:
+    """argv of the engine container."""
+    argv = [
+        "vllm", "serve", model_dir,
+        "--served-model-name", served_name,
+        "--host", "0.0.0.0",
+        "--port", str(spec.port),
+        "--tensor-parallel-size", str(pool.tensor_parallel),
+    ]
+    if spec.max_model_len is not None:
+        argv += ["--max-model-len", str(spec.max_model_len)]
+    if spec.block_size is not None:
+        argv += ["--block-size", str(spec.block_size)]
+    cfg = kv_transfer_config(spec, role)
+    if cfg is not None:
+        argv += ["--kv-transfer-config", json.dumps(cfg, separators=(",", ":"), sort_keys=True)]
+    return argv + list(pool.extra_args)
+
+
+def vllm_env(spec: InferenceDeploymentSpec, role: str) -> list[dict[str, Any]]:
+    """Engine env: offline model loading, and NIXL's side channel on the pod IP when it is used."""
+    env: list[dict[str, Any]] = [
+        {"name": "HF_HUB_OFFLINE", "value": "1"},  # the model is local; never reach for the Hub
+        {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+    ]
+    if spec.mode == "disaggregated" and role != ROLE_BOTH and spec.kv_transfer.connector == "NixlConnector":
+        env += [
+            {"name": "VLLM_NIXL_SIDE_CHANNEL_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": "VLLM_NIXL_SIDE_CHANNEL_PORT", "value": str(spec.kv_transfer.side_channel_port)},
+        ]
+    return env
+
+
+def vllm_ports(spec: InferenceDeploymentSpec, role: str) -> list[dict[str, Any]]:
+    ports = [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}]
+    if spec.mode == "disaggregated" and role != ROLE_BOTH and spec.kv_transfer.connector == "NixlConnector":
+        ports.append({"name": "nixl", "containerPort": spec.kv_transfer.side_channel_port, "protocol": "TCP"})
+    return ports
+
+
+def http_probe(path: str, period: int, failures: int, timeout: int = 5, delay: int = 0) -> dict[str, Any]:
+    probe: dict[str, Any] = {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": timeout,
+        "failureThreshold": failures,
+    }
+    if delay:
+        probe["initialDelaySeconds"] = delay
+    return probe
+
+
+def vllm_probes() -> dict[str, Any]:
+    """liveness /health (the engine process is alive); readiness and startup /v1/models (it serves)."""
+    return {
+        "startupProbe": http_probe("/v1/models", STARTUP_PERIOD_S, STARTUP_FAILURES),
+        "livenessProbe": http_probe("/health", 10, 3),
+        "readinessProbe": http_probe("/v1/models", 5, 3),
+    }
+
+
+__all__ = [
+    "GRACE_SECONDS",
+    "http_probe",
+    "kv_role",
+    "kv_transfer_config",
+    "vllm_command",
+    "vllm_env",
+    "vllm_ports",
+    "vllm_probes",
+]

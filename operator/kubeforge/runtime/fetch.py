@@ -1,0 +1,118 @@
+"""Copy a model directory from S3 to a local directory: the init container of every serving pod.
+
+    python -m kubeforge.runtime.fetch s3://bucket/models/llama /models/llama [--concurrency 16]
+
+Every object under the prefix is downloaded in parallel (s3transfer: ranged GETs for big shards, writes to
+a temporary name and renames, so a file with its final name is complete). A file already present with the
+object's size is kept, so a pod whose model volume outlives it (a hostPath or PVC node cache, or an
+emptyDir across container restarts) starts without downloading again. Credentials and endpoint come from
+the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL), as the operator renders them
+from the model's secretRef. Failures exit non-zero with one clear line on stderr (and in the container's
+termination message), which the operator shows in the InferenceDeployment's status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("kubeforge.fetch")
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class FetchError(Exception):
+    """The model could not be fetched; the message says why in one line."""
+
+
+def plan(objects: list[tuple[str, int]], dest: Path) -> tuple[list[str], list[str]]:
+    """(to download, already present) relative names, given (name, size) of the objects under the prefix."""
+    todo, kept = [], []
+    for name, size in objects:
+        path = dest / name
+        try:
+            same = path.is_file() and path.stat().st_size == size
+        except OSError:
+            same = False
+        (kept if same else todo).append(name)
+    return todo, kept
+
+
+def fetch(uri: str, dest: str | os.PathLike[str], client: Any = None, concurrency: int = 16) -> dict[str, int]:
+    """Download s3 prefix `uri` into `dest`; returns counts {objects, downloaded, kept, bytes}."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from kubeforge.storage.s3 import S3Uri, download_files, list_objects, make_client, transfer_config
+
+    try:
+        src = S3Uri.parse(uri)
+    except ValueError as e:
+        raise FetchError(str(e)) from e
+    root = Path(dest)
+    try:
+        client = client or make_client()
+        objects = [
+            (o["Key"][len(src.prefix):], int(o.get("Size", 0)))
+            for o in list_objects(client, src)
+            if "Key" in o and not o["Key"].endswith("/")
+        ]
+        objects = [(n, s) for n, s in objects if n]
+        if not objects:
+            raise FetchError(f"no objects under {uri} (wrong URI, or the model was not exported there)")
+        names = {n for n, _ in objects}
+        if "config.json" not in names:
+            log.warning("%s has no config.json; is it a Hugging Face model directory?", uri)
+        todo, kept = plan(objects, root)
+        root.mkdir(parents=True, exist_ok=True)
+        download_files(client, src, root, todo, transfer_config(concurrency=concurrency))
+    except FetchError:
+        raise
+    except ClientError as e:
+        err = e.response.get("Error", {})
+        raise FetchError(f"S3 refused {uri}: {err.get('Code', '?')} {err.get('Message', '')}".strip()) from e
+    except (BotoCoreError, OSError) as e:
+        raise FetchError(f"cannot fetch {uri}: {type(e).__name__}: {e}") from e
+    sizes = dict(objects)
+    return {"objects": len(objects), "downloaded": len(todo), "kept": len(kept),
+            "bytes": sum(sizes[n] for n in todo)}
+
+
+def _termination_log(message: str) -> None:
+    path = os.environ.get("KUBEFORGE_TERMINATION_LOG", "/dev/termination-log")
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(message[:4000])
+    except OSError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kubeforge.runtime.fetch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("uri", help="s3:// prefix of the model directory")
+    p.add_argument("dest", help="local directory to fill")
+    p.add_argument("--concurrency", type=int, default=16, help="parallel transfers")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    t0 = time.monotonic()
+    try:
+        counts = fetch(a.uri, a.dest, concurrency=a.concurrency)
+    except FetchError as e:
+        message = f"model fetch failed: {e}"
+        print(message, file=sys.stderr, flush=True)
+        _termination_log(message)
+        return EXIT_FAILED
+    log.info("fetched %s -> %s: %d objects, %d downloaded (%.1f MiB), %d already present, %.1fs",
+             a.uri, a.dest, counts["objects"], counts["downloaded"], counts["bytes"] / (1 << 20),
+             counts["kept"], time.monotonic() - t0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
