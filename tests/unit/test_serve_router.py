@@ -509,3 +509,69 @@ def test_router_cli_discovery_choice(tmp_path):
     }
     d = make_discovery(parse_args(["--prefill", "http://p:1", "--decode", "http://d:2"]))
     assert d.snapshot() == {"prefill": ["http://p:1"], "decode": ["http://d:2"]}
+
+
+def test_router_cli_pd_flow_and_request_id(echoes):
+    """The router as its CLI runs it: the prefill leg is rewritten as vLLM's proxy does, the decode leg gets
+    the prefill's kv_transfer_params, and both legs carry the same X-Request-Id."""
+    from kubeforge.runtime.serve.testing import Proc
+
+    p, d = echoes(name="p"), echoes(name="d")
+    port = free_port()
+    rt = Proc(
+        "kubeforge.runtime.serve.router",
+        [
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--prefill",
+            p.url,
+            "--decode",
+            d.url,
+            "--log-level",
+            "warning",
+        ],
+        port,
+    ).wait(30)
+    try:
+        r = httpx.post(
+            rt.url + "/v1/chat/completions",
+            json={"messages": MESSAGES, "max_tokens": 5, "min_tokens": 2, "stream": False},
+            headers={"X-Request-Id": "abc-123"},
+            timeout=10,
+        )
+        assert r.status_code == 200, r.text
+        j = r.json()
+        assert j["id"] == "abc-123" and j["choices"][0]["message"]["content"] == "xxxxx"
+        kv = j["received_kv_transfer_params"]
+        assert kv["do_remote_prefill"] is True and kv["remote_block_ids"] == [
+            "abc-123"
+        ]  # the prefill leg's id
+        assert (kv["remote_host"], kv["remote_port"]) == ("127.0.0.1", p.port)
+        pre = httpx.get(p.url + "/debug/last").json()["prefill"]
+        dec = httpx.get(d.url + "/debug/last").json()["decode"]
+        assert pre["headers"]["x-request-id"] == dec["headers"]["x-request-id"] == "abc-123"
+        pb = pre["body"]
+        assert (pb["stream"], pb["max_tokens"]) == (False, 1) and "min_tokens" not in pb
+        assert pb["kv_transfer_params"] == {
+            "do_remote_decode": True,
+            "do_remote_prefill": False,
+            "remote_engine_id": None,
+            "remote_block_ids": None,
+            "remote_host": None,
+            "remote_port": None,
+        }
+        assert pb["messages"] == MESSAGES
+        db = dec["body"]
+        assert (db["max_tokens"], db["min_tokens"], db["stream"]) == (5, 2, False)  # the client's own body
+        with httpx.stream(
+            "POST",
+            rt.url + "/v1/completions",
+            json={"prompt": PROMPT, "max_tokens": 3, "stream": True},
+            timeout=10,
+        ) as s:
+            ev = sse_events(s)
+        assert ev[-1] == "[DONE]" and len(ev) == 4
+    finally:
+        rt.stop()

@@ -26,6 +26,7 @@ from . import metrics as m
 def build_app(name: str = "echo", delay: float = 0.0, port: int = 0, host: str = "127.0.0.1") -> Starlette:
     reg = m.Registry()
     state = {"running": 0}
+    last: dict[str, dict] = {}  # leg -> the last request's body and headers (GET /debug/last)
     reg.gauge(m.VLLM_WAITING, "Requests waiting.", ["model_name"], fn=lambda: {(("model_name", name),): 0})
     reg.gauge(
         m.VLLM_RUNNING,
@@ -44,6 +45,7 @@ def build_app(name: str = "echo", delay: float = 0.0, port: int = 0, host: str =
             else ("decode" if kvp.get("do_remote_prefill") else "plain")
         )
         seen.inc(leg=leg)
+        last[leg] = {"body": body, "headers": dict(request.headers)}
         n = 1 if leg == "prefill" else int(body.get("max_tokens") or 16)
         chat = request.url.path.endswith("/chat/completions")
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
@@ -68,6 +70,8 @@ def build_app(name: str = "echo", delay: float = 0.0, port: int = 0, host: str =
                 "choices": [choice],
                 "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1},
             }
+            if leg == "decode":
+                out["received_kv_transfer_params"] = kvp  # lets tests see what the router forwarded
             if leg == "prefill":
                 out["kv_transfer_params"] = {
                     "do_remote_prefill": True,
@@ -97,6 +101,9 @@ def build_app(name: str = "echo", delay: float = 0.0, port: int = 0, host: str =
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
+    async def debug_last(request: Request) -> Response:
+        return JSONResponse(last)
+
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": name, "object": "model"}]})
 
@@ -113,6 +120,7 @@ def build_app(name: str = "echo", delay: float = 0.0, port: int = 0, host: str =
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            Route("/debug/last", debug_last, methods=["GET"]),
         ]
     )
 
