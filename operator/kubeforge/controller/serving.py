@@ -428,8 +428,10 @@ def _apply(reconciler: Any, obj: dict[str, Any], children: list[dict[str, Any]],
             patch = service_patch(current, manifest) if current is not None else None
             if patch is not None:
                 kube.merge_patch(RESOURCES["Service"], ns, name, patch)
-        else:
-            reconciler.apply_child(manifest)
+        elif not kube.create(manifest) and kind == "Role":  # exists: keep its rules ours, patch only a diff
+            current = kube.get(RESOURCES["Role"], ns, name)
+            if current is not None and current.get("rules") != manifest["rules"]:
+                kube.merge_patch(RESOURCES["Role"], ns, name, {"rules": manifest["rules"]})
     # Deployments we no longer want (the router switched off in aggregated mode)
     wanted = {m["metadata"]["name"] for m in children if m["kind"] == "Deployment"}
     uid = obj["metadata"].get("uid")
