@@ -19,7 +19,8 @@ plus what they would not (RBAC drift against the operator's code):
   `bind` nor `escalate` is needed), grants no wildcard and no kopf peering, and grants webhook configuration
   access only when `webhook.enabled`.
 - Every KUBEFORGE_* env var of the Deployment is a field of `kubeforge.settings.OperatorSettings` (a setting
-  the chart does not expose is reported as a warning).
+  the chart does not expose is reported as a warning); the default workload images it renders equal the
+  operator's defaults and each names a Dockerfile under images/.
 - The chart's crds/ equals the repository's crds/ byte for byte (both written by kubeforge.api.crdgen).
 """
 
@@ -459,14 +460,43 @@ def check_deployment(chart: Path) -> Report:
             report.errors.append(f"{tpl.path}: env {name} is no field of kubeforge.settings.OperatorSettings")
     for name in sorted(fields - names):
         report.warnings.append(f"{tpl.path}: setting {name} is not exposed by the chart")
+    report.extend(_check_workload_images(chart, tpl, values := _load_values(chart), OperatorSettings))
     if "KUBEFORGE_LIVENESS_PORT" not in names:
         report.errors.append(f"{tpl.path}: KUBEFORGE_LIVENESS_PORT must be set for the liveness probe")
-    values = _load_values(chart)
     sc = values.get("securityContext") or {}
     if sc.get("readOnlyRootFilesystem") is not True or sc.get("allowPrivilegeEscalation") is not False:
         report.errors.append("values.yaml: securityContext must default to a read-only root, no escalation")
     if (values.get("podSecurityContext") or {}).get("runAsNonRoot") is not True:
         report.errors.append("values.yaml: podSecurityContext.runAsNonRoot must default to true")
+    return report
+
+
+_WORKLOAD_IMAGE = re.compile(
+    r"name:\s*(KUBEFORGE_\w+)\s*\n\s*value:\s*\{\{\s*include\s+\"kubeforge.workloadImage\"\s*"
+    r"\(list\s+\.\s+\"([^\"]+)\"\s+\.Values\.workloads\.(\w+)\)")
+
+
+def _check_workload_images(chart: Path, tpl: Template, values: dict[str, Any], settings: type) -> Report:
+    """Default workload images the chart renders equal the operator's own defaults and name an images/ dir."""
+    report = Report()
+    meta = yaml.safe_load((chart / "Chart.yaml").read_text()) or {}
+    workloads = values.get("workloads") or {}
+    prefix = str(settings.model_config.get("env_prefix", ""))
+    found = _WORKLOAD_IMAGE.findall((chart / tpl.path).read_text())
+    if not found:
+        report.errors.append(f"{tpl.path}: no KUBEFORGE_*_IMAGE env set through kubeforge.workloadImage")
+    for env, name, key in found:
+        field_name = env.removeprefix(prefix).lower()
+        if field_name not in settings.model_fields:
+            continue  # reported as "no field" above
+        rendered = workloads.get(key) or f"{workloads.get('registry')}/{name}:{meta.get('appVersion')}"
+        default = settings.model_fields[field_name].default
+        if rendered != default:
+            report.errors.append(f"{tpl.path}: {env} renders {rendered!r} by default, the operator's default is "
+                                 f"{default!r}")
+        dockerfile = chart.parents[1] / "images" / name / "Dockerfile"
+        if chart == CHART_DIR and not dockerfile.is_file():
+            report.errors.append(f"{tpl.path}: {env} names image {name!r}, but images/{name}/Dockerfile is missing")
     return report
 
 

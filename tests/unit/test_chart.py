@@ -217,3 +217,9 @@ def test_main_exits_non_zero_with_messages(chart, capsys):
     assert helmcheck.main(["--chart", str(chart), "--crds", str(chart.parent / "crds")]) == 1
     err = capsys.readouterr().err
     assert "helmcheck: error: values.yaml: operator.livenessPort" in err
+
+
+def test_default_workload_images_match_the_operator_defaults(chart):
+    _values(chart, workloads__registry="registry.example/kf")
+    errors = _errors(helmcheck.check_deployment(chart))
+    assert "KUBEFORGE_TRAINER_IMAGE renders 'registry.example/kf/trainer:0.1.0' by default" in errors
