@@ -304,13 +304,13 @@ def test_gpu_requests_are_scheduled_against_node_allocatable(cluster: ClusterHan
 
 
 def test_dns_headless_hostname_and_service_http(cluster: ClusterHandle, namespace: str) -> None:
+    """Headless Service: pod hostname records to the pod IP. ClusterIP Service: its ClusterIP, proxied to a
+    ready pod with port remapping (80 -> named targetPort 8000). kubernetes.default.svc:443 reaches the API."""
     core = _core(cluster)
-    for name, cluster_ip in (("workers", "None"), ("web", None)):
-        svc: dict[str, Any] = {"metadata": {"name": name}, "spec": {
-            "selector": {"app": "dns-server"}, "ports": [{"name": "http", "port": 8000, "targetPort": 8000}]}}
-        if cluster_ip:
-            svc["spec"]["clusterIP"] = cluster_ip
-        core.create_namespaced_service(namespace, svc)
+    core.create_namespaced_service(namespace, {"metadata": {"name": "workers"}, "spec": {
+        "clusterIP": "None", "selector": {"app": "dns-server"}, "ports": [{"name": "http", "port": 8000}]}})
+    web = core.create_namespaced_service(namespace, {"metadata": {"name": "web"}, "spec": {
+        "selector": {"app": "dns-server"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
     server = {"apiVersion": "v1", "kind": "Pod",
               "metadata": {"name": "server-0", "labels": {"app": "dns-server"}},
               "spec": {"hostname": "server-0", "subdomain": "workers", "terminationGracePeriodSeconds": 2,
@@ -321,24 +321,33 @@ def test_dns_headless_hostname_and_service_http(cluster: ClusterHandle, namespac
     code = textwrap.dedent(f"""
         import socket, urllib.request
         ns = {namespace!r}
-        want = {ready.status.pod_ip!r}
+        pod_ip, svc_ip = {ready.status.pod_ip!r}, {web.spec.cluster_ip!r}
         for host in ('server-0.workers.' + ns + '.svc.cluster.local', 'server-0.workers.' + ns + '.svc',
-                     'server-0.workers', 'workers', 'web', 'web.' + ns):
+                     'server-0.workers', 'workers'):
             got = socket.gethostbyname(host)
-            assert got == want, (host, got, want)
+            assert got == pod_ip, (host, got, pod_ip)
+        for host in ('web', 'web.' + ns, 'web.' + ns + '.svc.cluster.local'):
+            got = socket.gethostbyname(host)
+            assert got == svc_ip, (host, got, svc_ip)
         body = urllib.request.urlopen('http://server-0.workers:8000/', timeout=5).read()
+        assert b'Directory listing' in body, body[:200]
+        body = urllib.request.urlopen('http://web/', timeout=5).read()  # port 80 -> targetPort 8000
         assert b'Directory listing' in body, body[:200]
         try:
             socket.gethostbyname('nothing-here.' + ns + '.svc.cluster.local')
             raise SystemExit('resolved a name that does not exist')
         except socket.gaierror:
             pass
-        assert socket.gethostbyname('kubernetes.default.svc') == '127.0.0.1'
+        socket.create_connection(('kubernetes.default.svc', 443), timeout=5).close()
         print('dns ok')
     """)
     core.create_namespaced_pod(namespace, _pod("client", code))
     p = _wait_phase(core, namespace, "client", ("Succeeded", "Failed"))
     assert p.status.phase == "Succeeded", cluster.pod_log(namespace, "client")
+    # The ClusterIP is reachable from the host too (handy for demos: curl the Service).
+    import urllib.request
+
+    assert b"Directory listing" in urllib.request.urlopen(f"http://{web.spec.cluster_ip}:80/", timeout=5).read()
 
 
 def test_in_cluster_client_patches_own_pod_under_rbac(cluster: ClusterHandle, namespace: str) -> None:

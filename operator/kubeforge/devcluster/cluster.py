@@ -36,8 +36,10 @@ from . import assets
 from .nodeagent import proc_start_ticks
 from .pki import ensure_pki
 
-SERVICE_CIDR = "10.0.0.0/24"
-SERVICE_IP = "10.0.0.1"  # the `kubernetes` Service's ClusterIP (first of the range)
+# A loopback service range: every ClusterIP is an address this machine owns, so the node agent's userspace
+# proxy can listen on it (see proxy.py) — no kube-proxy, no iptables, no root-wide change.
+SERVICE_CIDR = "127.100.0.0/16"
+SERVICE_IP = "127.100.0.1"  # the `kubernetes` Service's ClusterIP (first of the range)
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 BUCKET = "kubeforge"
 S3_SECRET = "kubeforge-s3"
@@ -227,6 +229,7 @@ class DevCluster:
                     os.killpg(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+            _reap(pid)
         (self.state.get("components") or {}).pop(name, None)
         self._save()
 
@@ -294,8 +297,6 @@ class DevCluster:
                 f"--service-account-issuer={ISSUER}", f"--api-audiences={ISSUER}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--authorization-mode=RBAC", "--allow-privileged=true",
-                # Webhooks and aggregated APIs are reached through Endpoints, not ClusterIPs (no kube-proxy).
-                "--enable-aggregator-routing=true",
                 "--enable-priority-and-fairness=false", "--profiling=false", "--v=1",
             ], health=checks["kube-apiserver"], start_timeout=90),
             Component("kube-controller-manager", [

@@ -41,6 +41,7 @@ from kubernetes.client.rest import ApiException
 
 from . import podenv
 from .podenv import ConfigError
+from .proxy import ServiceProxy, target_port
 
 log = logging.getLogger("kubeforge.devcluster.nodeagent")
 
@@ -857,34 +858,57 @@ def _pod_ready(pod: dict[str, Any]) -> bool:
     return False
 
 
-def dns_records(pods: list[dict[str, Any]], services: list[dict[str, Any]], api_host: str) -> dict[str, list[str]]:
-    """Cluster DNS as CoreDNS would answer it, keyed by FQDN (`*.svc.cluster.local`)."""
-    rec: dict[str, list[str]] = {}
-    sfx = "svc.cluster.local"
-    rec[f"kubernetes.default.{sfx}"] = [api_host]
+def _has_cluster_ip(svc: dict[str, Any]) -> bool:
+    ip = (svc.get("spec") or {}).get("clusterIP")
+    return bool(ip) and ip != "None"
+
+
+def service_members(svc: dict[str, Any], pods_in_ns: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pods a Service's endpoints would list as ready (or all, with publishNotReadyAddresses)."""
+    spec = svc.get("spec") or {}
+    not_ready_ok = bool(spec.get("publishNotReadyAddresses"))
+    members = [p for p in pods_in_ns if _labels_match(spec.get("selector"), p["metadata"].get("labels"))
+               and (not_ready_ok or _pod_ready(p))]
+    return sorted(members, key=lambda p: p["metadata"]["name"])
+
+
+def running_pods_by_ns(pods: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     by_ns: dict[str, list[dict[str, Any]]] = {}
     for p in pods:
         st = p.get("status") or {}
         if st.get("podIP") and st.get("phase") in ("Pending", "Running") and not p["metadata"].get("deletionTimestamp"):
             by_ns.setdefault(p["metadata"]["namespace"], []).append(p)
+    return by_ns
+
+
+def dns_records(pods: list[dict[str, Any]], services: list[dict[str, Any]], api_host: str,
+                proxied: set[str] | None = None) -> dict[str, list[str]]:
+    """Cluster DNS as CoreDNS would answer it, keyed by FQDN (`*.svc.cluster.local`).
+
+    Services whose ClusterIP the proxy serves (`proxied` keys) resolve to that ClusterIP; other selector
+    Services (headless, or a port the proxy could not bind) resolve to their ready pod IPs."""
+    proxied = proxied or set()
+    rec: dict[str, list[str]] = {}
+    sfx = "svc.cluster.local"
+    by_ns = running_pods_by_ns(pods)
     for s in services:
         ns, name = s["metadata"]["namespace"], s["metadata"]["name"]
-        if ns == "default" and name == "kubernetes":
-            continue
         spec = s.get("spec") or {}
+        key = f"{ns}/{name}"
+        if key in proxied:
+            rec[f"{name}.{ns}.{sfx}"] = [spec["clusterIP"]]
+            if _has_cluster_ip(s):
+                continue
         if spec.get("type") == "ExternalName":
             continue
-        not_ready_ok = bool(spec.get("publishNotReadyAddresses"))
-        members = [p for p in by_ns.get(ns, []) if _labels_match(spec.get("selector"), p["metadata"].get("labels"))
-                   and (not_ready_ok or _pod_ready(p))]
-        members.sort(key=lambda p: p["metadata"]["name"])
-        ips = [p["status"]["podIP"] for p in members]
-        if ips:
-            rec[f"{name}.{ns}.{sfx}"] = ips
-        if spec.get("clusterIP") == "None":
+        members = service_members(s, by_ns.get(ns, []))
+        if members and f"{name}.{ns}.{sfx}" not in rec:
+            rec[f"{name}.{ns}.{sfx}"] = [p["status"]["podIP"] for p in members]
+        if not _has_cluster_ip(s):
             for p in members:
                 if p["spec"].get("hostname") and p["spec"].get("subdomain") == name:
                     rec[f"{p['spec']['hostname']}.{name}.{ns}.{sfx}"] = [p["status"]["podIP"]]
+    rec.setdefault(f"kubernetes.default.{sfx}", [api_host])
     return rec
 
 
@@ -908,6 +932,7 @@ class NodeAgent:
         self.dns_dirty = threading.Event()
         self.last_heartbeat = 0.0
         self.boot_id = str(uuid.uuid4())
+        self.proxy = ServiceProxy(self._backends)
         self.pods = Informer("pods", self.core.list_pod_for_all_namespaces, self._on_pod)
         self.services = Informer("services", self.core.list_service_for_all_namespaces, self._on_service)
 
@@ -1041,7 +1066,39 @@ class NodeAgent:
         except ApiException:
             pass  # events are best effort
 
-    # --- DNS
+    # --- services: proxy listeners and DNS
+    def _backends(self, key: str, port: dict[str, Any]) -> list[tuple[str, int]]:
+        if key == "default/kubernetes":
+            return [self.apiserver]
+        svc = self.services.cache.get(key)
+        if svc is None:
+            return []
+        ns = key.split("/", 1)[0]
+        pods = [p for p in list(self.pods.cache.values()) if p["metadata"]["namespace"] == ns]
+        out = []
+        for p in service_members(svc, running_pods_by_ns(pods).get(ns, [])):
+            tp = target_port(p, port)
+            if tp is not None:
+                out.append((p["status"]["podIP"], tp))
+        return out
+
+    def _sync_proxy(self, services: list[dict[str, Any]]) -> set[str]:
+        desired: dict[tuple[str, int], tuple[str, dict[str, Any]]] = {}
+        for s in services:
+            spec = s.get("spec") or {}
+            ip = spec.get("clusterIP") or ""
+            if not ip.startswith("127.") or not (spec.get("selector") or s["metadata"]["name"] == "kubernetes"):
+                continue
+            key = f"{s['metadata']['namespace']}/{s['metadata']['name']}"
+            for port in spec.get("ports") or []:
+                if (port.get("protocol") or "TCP") == "TCP":
+                    desired[(ip, int(port["port"]))] = (key, port)
+        try:
+            self.proxy.sync(desired)
+        except Exception as e:
+            log.warning("service proxy sync failed: %s", e)
+        return {key for addr, (key, _) in desired.items() if self.proxy.listening(*addr)}
+
     def dns_changed(self) -> None:
         self.dns_dirty.set()
 
@@ -1051,8 +1108,9 @@ class NodeAgent:
             self.dns_dirty.wait()
             time.sleep(0.05)  # coalesce bursts of watch events
             self.dns_dirty.clear()
-            rec = dns_records(list(self.pods.cache.values()), list(self.services.cache.values()),
-                              self.apiserver[0])
+            services = list(self.services.cache.values())
+            proxied = self._sync_proxy(services)
+            rec = dns_records(list(self.pods.cache.values()), services, self.apiserver[0], proxied)
             text = "".join(f"{ip} {name}\n" for name, ips in sorted(rec.items()) for ip in ips)
             if text != last:
                 tmp = self.hosts_file.with_suffix(".tmp")
