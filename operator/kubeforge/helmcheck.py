@@ -56,7 +56,8 @@ CHILD_VERBS = frozenset({"get", "create", "patch", "delete"})  # what Kube.creat
 OWN_KIND_VERBS = frozenset({"get", "list", "watch", "patch", "delete"})  # kopf watches/patches; TTL deletes
 OWN_STATUS_VERBS = frozenset({"get", "patch"})
 VERB_OVERRIDES: dict[str, frozenset[str]] = {
-    "Pod": CHILD_VERBS | {"list", "watch"},  # listed by the reconciler, watched by kopf
+    "Pod": CHILD_VERBS | {"list", "watch"},  # listed by the reconcilers, watched by kopf
+    "Deployment": CHILD_VERBS | {"list"},  # serving pools, listed by the serving reconciler
     "Event": frozenset({"create"}),
     "ResourceFlavor": frozenset({"get"}),
 }
@@ -337,7 +338,8 @@ def check_crds(chart: Path, crd_dir: Path = CRD_DIR) -> Report:
 
 
 # --- RBAC ----------------------------------------------------------------------------------------------------
-def required_permissions(resources: Mapping[str, Any] | None = None) -> dict[tuple[str, str], frozenset[str]]:
+def required_permissions(resources: Mapping[str, Any] | None = None,
+                         report: Report | None = None) -> dict[tuple[str, str], frozenset[str]]:
     """(apiGroup, resource) -> verbs the operator needs, from the resources its code touches."""
     if resources is None:
         from kubeforge.controller.kube import RESOURCES as resources
@@ -359,18 +361,33 @@ def required_permissions(resources: Mapping[str, Any] | None = None) -> dict[tup
     for key, verbs in KOPF_NEEDS.items():
         add(key, verbs)
     # what the operator grants per job must be held by the operator itself (no bind/escalate)
-    for key, verbs in _granted_by_operator().items():
+    for key, verbs in _granted_by_operator(report).items():
         add(key, verbs)
     return need
 
 
-def _granted_by_operator() -> dict[tuple[str, str], frozenset[str]]:
-    from kubeforge.controller.children import progress_rbac
+# functions that render the Roles the operator creates, and the arguments after the owner object
+ROLE_RENDERERS = (
+    ("kubeforge.controller.children", "progress_rbac", "PretrainJob", ("check-progress", ["check-worker-0"])),
+    ("kubeforge.controller.serving", "router_rbac", "InferenceDeployment", ()),
+)
 
-    obj = {"apiVersion": API_VERSION, "kind": "PretrainJob",
-           "metadata": {"name": "check", "namespace": "check", "uid": "00000000-0000-0000-0000-000000000000"}}
+
+def _granted_by_operator(report: Report | None = None) -> dict[tuple[str, str], frozenset[str]]:
+    """(apiGroup, resource) -> verbs of every Role the operator renders (it must hold them itself)."""
+    import importlib
+
+    manifests: list[dict[str, Any]] = []
+    for module, name, kind, args in ROLE_RENDERERS:
+        obj = {"apiVersion": API_VERSION, "kind": kind,
+               "metadata": {"name": "check", "namespace": "check", "uid": "00000000-0000-0000-0000-000000000000"}}
+        try:
+            manifests += getattr(importlib.import_module(module), name)(obj, *args)
+        except (ImportError, AttributeError, TypeError) as e:
+            if report is not None:
+                report.warnings.append(f"cannot render the Roles of {module}.{name} to check them: {e}")
     out: dict[tuple[str, str], frozenset[str]] = {}
-    for manifest in progress_rbac(obj, "check-progress", ["check-worker-0"]):
+    for manifest in manifests:
         for rule in manifest.get("rules") or []:
             for group in rule.get("apiGroups", []):
                 for resource in rule.get("resources", []):
@@ -411,7 +428,7 @@ def check_rbac(chart: Path, resources: Mapping[str, Any] | None = None) -> Repor
         from kubeforge.controller.kube import RESOURCES as resources
     for kind in sorted(VERB_OVERRIDES.keys() - resources.keys()):
         report.warnings.append(f"helmcheck: VERB_OVERRIDES names {kind}, which kube.RESOURCES no longer has")
-    for (group, resource), verbs in sorted(required_permissions(resources).items()):
+    for (group, resource), verbs in sorted(required_permissions(resources, report).items()):
         missing = verbs - granted.get((group, resource), set())
         if missing:
             report.errors.append(

@@ -223,3 +223,12 @@ def test_default_workload_images_match_the_operator_defaults(chart):
     _values(chart, workloads__registry="registry.example/kf")
     errors = _errors(helmcheck.check_deployment(chart))
     assert "KUBEFORGE_TRAINER_IMAGE renders 'registry.example/kf/trainer:0.1.0' by default" in errors
+
+
+def test_rules_the_operator_grants_must_be_held(chart, monkeypatch):
+    from kubeforge.controller import serving
+
+    assert helmcheck.required_permissions()[("", "pods")] >= {"get", "list", "watch", "patch"}
+    monkeypatch.setattr(serving, "router_rbac", lambda obj: [
+        {"kind": "Role", "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]}])
+    assert "lacks ['get'] on secrets" in _errors(helmcheck.check_rbac(chart))
