@@ -403,3 +403,35 @@ def test_start_process_helper(cluster: ClusterHandle, tmp_path: Path) -> None:
     with cluster.start_process([sys.executable, "-c", code], name="probe-process"):
         wait_for(out.exists, 20, what="process output")
     assert out.read_text() == str(cluster.kubeconfig)
+
+
+def test_native_resolver_reaches_torch_tcpstore_by_hostname(cluster: ClusterHandle, namespace: str) -> None:
+    """torch's c10d TCPStore resolves MASTER_ADDR in C++ (libc getaddrinfo), not through Python's socket
+    module: the gang rendezvous over a headless Service must work for native code too."""
+    pytest.importorskip("torch")
+    core = _core(cluster)
+    core.create_namespaced_service(namespace, {"metadata": {"name": "gang"}, "spec": {
+        "clusterIP": "None", "publishNotReadyAddresses": True, "selector": {"app": "gang"},
+        "ports": [{"name": "store", "port": 29531}]}})
+    master = textwrap.dedent("""
+        import os, datetime
+        import torch.distributed as dist
+        s = dist.TCPStore(os.environ['POD_IP'], 29531, 2, True, timeout=datetime.timedelta(seconds=90))
+        s.set('greeting', 'hello')
+        s.wait(['done'])
+        print('worker said', s.get('done'))
+    """)
+    worker = textwrap.dedent("""
+        import datetime
+        import torch.distributed as dist
+        s = dist.TCPStore('master-0.gang', 29531, 2, False, timeout=datetime.timedelta(seconds=90))
+        assert s.get('greeting') == b'hello'
+        s.set('done', 'yes')
+    """)
+    env = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+    core.create_namespaced_pod(namespace, _pod("master-0", master, hostname="master-0", subdomain="gang",
+                                               labels={"app": "gang"}, container={"env": env}))
+    core.create_namespaced_pod(namespace, _pod("worker-1", worker))
+    for name in ("worker-1", "master-0"):
+        p = _wait_phase(core, namespace, name, ("Succeeded", "Failed"), timeout=120)
+        assert p.status.phase == "Succeeded", cluster.pod_log(namespace, name)

@@ -308,7 +308,10 @@ class DevCluster:
                 "--use-service-account-credentials=true",
                 f"--cluster-signing-cert-file={pki / 'ca.crt'}", f"--cluster-signing-key-file={pki / 'ca.key'}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
-                "--controllers=*,-nodeipam,-cloud-node-lifecycle,-route,-service,-attachdetach,-persistentvolume-expander",
+                # `endpoint` off: the API rejects loopback addresses in Endpoints (it would only emit warning events);
+                # EndpointSlices accept them and are maintained.
+                "--controllers=*,-endpoint,-nodeipam,-cloud-node-lifecycle,-route,-service,-attachdetach,"
+                "-persistentvolume-expander",
                 "--profiling=false", "--v=1",
             ], health=checks["kube-controller-manager"], start_timeout=60),
             Component("kube-scheduler", [

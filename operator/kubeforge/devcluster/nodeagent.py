@@ -644,6 +644,8 @@ class PodWorker(threading.Thread):
             "KUBEFORGE_DEVCLUSTER_HOSTS": str(self.agent.hosts_file),
             "KUBEFORGE_DEVCLUSTER_MOUNTS": json.dumps(mounts),
         })
+        if self.agent.native_dns is not None:
+            env["LD_PRELOAD"] = " ".join(filter(None, [str(self.agent.native_dns), spec_env.get("LD_PRELOAD")]))
         return env
 
     def _hostname(self) -> str:
@@ -806,6 +808,29 @@ class PodWorker(threading.Thread):
                 self.done = False
 
 
+# ------------------------------------------------------------------------------------------------ native DNS
+
+
+def build_native_dns(out_dir: Path) -> Path | None:
+    """Compile the LD_PRELOAD getaddrinfo wrapper (shim/kfdns.c) for native code; None without a C compiler."""
+    src = SHIM_DIR / "kfdns.c"
+    so = out_dir / "libkfdns.so"
+    if so.exists() and so.stat().st_mtime >= src.stat().st_mtime:
+        return so
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        log.warning("no C compiler: cluster DNS works for Python code only (see docs/dev-cluster.md)")
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = so.with_suffix(".tmp.so")
+    r = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(tmp), str(src), "-ldl"], capture_output=True)
+    if r.returncode != 0:
+        log.warning("building %s failed: %s", src, r.stderr.decode(errors="replace")[-500:])
+        return None
+    os.replace(tmp, so)
+    return so
+
+
 # ------------------------------------------------------------------------------------------------ IPs
 
 
@@ -932,6 +957,7 @@ class NodeAgent:
         self.dns_dirty = threading.Event()
         self.last_heartbeat = 0.0
         self.boot_id = str(uuid.uuid4())
+        self.native_dns: Path | None = None
         self.proxy = ServiceProxy(self._backends)
         self.pods = Informer("pods", self.core.list_pod_for_all_namespaces, self._on_pod)
         self.services = Informer("services", self.core.list_service_for_all_namespaces, self._on_service)
@@ -1145,6 +1171,7 @@ class NodeAgent:
     def run(self, health_port: int) -> None:
         (self.state_dir / "pods").mkdir(parents=True, exist_ok=True)
         self.hosts_file.touch()
+        self.native_dns = build_native_dns(self.state_dir / "shim")
         self._kill_leftovers()
         self.register_nodes()
         self._serve_health(health_port)
