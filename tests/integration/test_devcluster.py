@@ -435,3 +435,87 @@ def test_native_resolver_reaches_torch_tcpstore_by_hostname(cluster: ClusterHand
     for name in ("worker-1", "master-0"):
         p = _wait_phase(core, namespace, name, ("Succeeded", "Failed"), timeout=120)
         assert p.status.phase == "Succeeded", cluster.pod_log(namespace, name)
+
+
+def test_admission_webhook_served_by_a_pod_through_its_service(cluster: ClusterHandle, namespace: str,
+                                                               tmp_path: Path) -> None:
+    """The API server calls a validating webhook registered by Service (ClusterIP, port 443 -> 8443)."""
+    if cluster.state_dir is None:
+        pytest.skip("needs the dev cluster's CA to issue the webhook's serving cert")
+    import base64
+
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    from kubeforge.devcluster.pki import sign_serving_cert
+
+    api = cluster.api_client()
+    core = client.CoreV1Api(api)
+    adm = client.AdmissionregistrationV1Api(api)
+    crt, key = sign_serving_cert(cluster.state_dir / "pki", tmp_path, [f"hook.{namespace}.svc"], [])
+    core.create_namespaced_secret(namespace, client.V1Secret(
+        metadata=client.V1ObjectMeta(name="hook-tls"), string_data={"tls.crt": crt.read_text(), "tls.key": key.read_text()}))
+    core.create_namespaced_service(namespace, {"metadata": {"name": "hook"}, "spec": {
+        "selector": {"app": "hook"}, "ports": [{"port": 443, "targetPort": 8443}]}})
+    server = textwrap.dedent("""
+        import http.server, json, os, ssl
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200); self.end_headers(); self.wfile.write(b'ok')
+            def do_POST(self):
+                review = json.loads(self.rfile.read(int(self.headers['Content-Length'])))
+                req = review['request']
+                labels = (req['object'].get('metadata') or {}).get('labels') or {}
+                allowed = labels.get('deny') != 'true'
+                resp = {'uid': req['uid'], 'allowed': allowed}
+                if not allowed:
+                    resp['status'] = {'code': 403, 'message': 'denied by the test webhook'}
+                body = json.dumps({'apiVersion': 'admission.k8s.io/v1', 'kind': 'AdmissionReview',
+                                   'response': resp}).encode()
+                self.send_response(200)
+                self.send_header('Content-Type', 'application/json')
+                self.send_header('Content-Length', str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+        srv = http.server.ThreadingHTTPServer((os.environ['POD_IP'], 8443), H)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain('/tls/tls.crt', '/tls/tls.key')
+        srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+        srv.serve_forever()
+    """)
+    pod = _pod("hook", server, restartPolicy="Always", labels={"app": "hook"}, container={
+        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+        "volumeMounts": [{"name": "tls", "mountPath": "/tls"}],
+        "readinessProbe": {"httpGet": {"port": 8443, "scheme": "HTTPS", "path": "/"}, "periodSeconds": 1}})
+    pod["spec"]["volumes"] = [{"name": "tls", "secret": {"secretName": "hook-tls"}}]
+    core.create_namespaced_pod(namespace, pod)
+    wait_for(lambda: (p := core.read_namespaced_pod("hook", namespace)).status.container_statuses
+             and p.status.container_statuses[0].ready, 60, what="webhook pod ready")
+    core.patch_namespace(namespace, {"metadata": {"labels": {"webhook-test": namespace}}})
+    ca = base64.b64encode((cluster.state_dir / "pki" / "ca.crt").read_bytes()).decode()
+    cfg_name = f"deny-{namespace}"
+    adm.create_validating_webhook_configuration({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": cfg_name},
+        "webhooks": [{
+            "name": "deny.kubeforge.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+            "failurePolicy": "Fail", "timeoutSeconds": 5,
+            "clientConfig": {"caBundle": ca, "service": {"namespace": namespace, "name": "hook", "path": "/validate"}},
+            "namespaceSelector": {"matchLabels": {"webhook-test": namespace}},
+            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                       "resources": ["configmaps"]}],
+        }],
+    })
+    try:
+        def denied() -> bool:
+            try:
+                core.create_namespaced_config_map(namespace, {"metadata": {
+                    "generateName": "bad-", "labels": {"deny": "true"}}})
+                return False
+            except ApiException as e:
+                return e.status == 403 and "denied by the test webhook" in e.body
+
+        wait_for(denied, 30, interval=0.5, what="webhook to deny")
+        core.create_namespaced_config_map(namespace, {"metadata": {"name": "fine"}})
+    finally:
+        adm.delete_validating_webhook_configuration(cfg_name)
