@@ -29,8 +29,8 @@ def _cmd_up(a: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
         dc.up(nodes=a.nodes, gpus_per_node=a.gpus_per_node, with_operator=a.with_operator,
-              cpus_per_node=a.cpus_per_node, memory_per_node=a.memory_per_node)
-    except Exception as e:
+              cpus_per_node=a.cpus_per_node, memory_per_node=a.memory_per_node, extra_crd_dirs=a.crds)
+    except Exception as e:  # noqa: BLE001  any failure: one clear line and exit 1, logs name the component
         print(f"dev-cluster: up failed: {e}", file=sys.stderr)
         return 1
     print(f"dev-cluster: ready in {time.monotonic() - t0:.1f}s (state: {dc.dir}); "
@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--cpus-per-node", default="8")
     up.add_argument("--memory-per-node", default="32Gi")
     up.add_argument("--with-operator", action="store_true", help="also run `python -m kubeforge operator`")
+    up.add_argument("--crds", type=Path, action="append", default=[], metavar="DIR",
+                    help="also create-or-replace the CRDs in DIR/*.yaml (repeatable), e.g. Kueue's")
     up.set_defaults(fn=_cmd_up)
     st = sub.add_parser("status", parents=[common], help="each component: pid, alive, healthy")
     st.add_argument("--json", action="store_true")

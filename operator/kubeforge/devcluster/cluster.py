@@ -14,6 +14,7 @@ Everything lives in one state dir (default ~/.cache/kubeforge/devcluster or $KUB
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import secrets
@@ -142,7 +143,7 @@ class DevCluster:
             with urllib.request.urlopen(url, timeout=2, context=self._ssl() if tls else None) as r:
                 body = r.read().decode(errors="replace")
                 return r.status == 200 and (expect is None or expect in body)
-        except Exception:
+        except (OSError, ValueError, http.client.HTTPException):
             return False
 
     def _health_checks(self) -> dict[str, Callable[[], bool]]:
@@ -308,10 +309,10 @@ class DevCluster:
                 "--use-service-account-credentials=true",
                 f"--cluster-signing-cert-file={pki / 'ca.crt'}", f"--cluster-signing-key-file={pki / 'ca.key'}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
-                # `endpoint` off: the API rejects loopback addresses in Endpoints (it would only emit warning events);
-                # EndpointSlices accept them and are maintained.
-                "--controllers=*,-endpoint,-nodeipam,-cloud-node-lifecycle,-route,-service,-attachdetach,"
-                "-persistentvolume-expander",
+                # `endpoint` off: the API rejects loopback addresses in Endpoints (the controller would only emit
+                # warning events); EndpointSlices accept them and are maintained.
+                ("--controllers=*,-endpoint,-nodeipam,-cloud-node-lifecycle,-route,-service,-attachdetach,"
+                 "-persistentvolume-expander"),
                 "--profiling=false", "--v=1",
             ], health=checks["kube-controller-manager"], start_timeout=60),
             Component("kube-scheduler", [
@@ -351,7 +352,7 @@ class DevCluster:
     # ------------------------------------------------------------------------------------------- up/down
     def up(self, nodes: int = 2, gpus_per_node: int = 2, with_operator: bool = False,
            cpus_per_node: str = "8", memory_per_node: str = "32Gi",
-           operator_argv: list[str] | None = None) -> None:
+           operator_argv: list[str] | None = None, extra_crd_dirs: list[Path] | None = None) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         bins = assets.ensure_binaries()
         prev = (self.state.get("nodes"), self.state.get("gpus_per_node"))
@@ -380,6 +381,8 @@ class DevCluster:
             self._bootstrap_s3()
             self.install_crds()
             self.state["bootstrapped"] = True
+        for d in extra_crd_dirs or []:
+            install_crd_files(self.api_client(), sorted(d.glob("*.yaml")) + sorted(d.glob("*.yml")))
             self._save()
         if with_operator and self._alive("operator") is None:
             argv = operator_argv or [sys.executable, "-m", "kubeforge", "operator"]
@@ -427,6 +430,7 @@ class DevCluster:
 
     def _bootstrap_api(self) -> None:
         """Wait until the API can take objects: the `default` namespace exists."""
+        import urllib3
         from kubernetes import client
         from kubernetes.client.rest import ApiException
 
@@ -436,7 +440,7 @@ class DevCluster:
             try:
                 core.read_namespace("default")
                 return
-            except (ApiException, OSError, Exception):
+            except (ApiException, urllib3.exceptions.HTTPError, OSError):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)

@@ -51,7 +51,7 @@ def _sign(
     server_sans: tuple[list[str], list[str]] | None = None,
     client: bool = False,
 ) -> x509.Certificate:
-    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     b = (
         x509.CertificateBuilder()
         .subject_name(subject)

@@ -110,7 +110,7 @@ def resource_ref(container: dict[str, Any] | None, ref: dict[str, Any], node_all
     divisor = parse_quantity(str(ref.get("divisor") or "1"))
     if divisor == 0:
         divisor = Decimal(1)
-    return str(int(math.ceil(parse_quantity(str(val)) / divisor)))
+    return str(math.ceil(parse_quantity(str(val)) / divisor))
 
 
 def container_env(

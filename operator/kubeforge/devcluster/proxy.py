@@ -88,7 +88,7 @@ class ServiceProxy:
             try:
                 up_r, up_w = await asyncio.wait_for(asyncio.open_connection(ip, port), timeout=5)
                 break
-            except (OSError, asyncio.TimeoutError):
+            except (OSError, TimeoutError):
                 continue
         else:
             writer.close()

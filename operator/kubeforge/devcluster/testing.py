@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from .cluster import S3_SECRET, DevCluster, repo_root
 
@@ -29,7 +29,7 @@ def wait_for(fn: Callable[[], T], timeout: float = 60.0, interval: float = 0.25,
     while True:
         try:
             last = fn()
-        except Exception as e:  # transient API errors count as "not yet"
+        except Exception as e:  # noqa: BLE001  transient API errors count as "not yet"
             last = e
         if last and not isinstance(last, Exception):
             return last
@@ -56,7 +56,7 @@ class Process:
         except OSError:
             return ""
 
-    def __enter__(self) -> Process:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -50,7 +50,7 @@ def _table() -> dict[str, list[str]]:
             return _cache[1]
         table: dict[str, list[str]] = {}
         try:
-            with io.open(_HOSTS, encoding="utf-8") as f:  # io.open: the original, not our wrapper
+            with _real_open(_HOSTS, encoding="utf-8") as f:  # the original: the hosts file is a host path
                 for line in f:
                     parts = line.split("#", 1)[0].split()
                     if len(parts) >= 2:
@@ -83,11 +83,12 @@ def lookup(host: str) -> list[str] | None:
                 k = _rr % len(ips)
                 ips = ips[k:] + ips[:k]
             return ips
-    if name.endswith(f".{_SUFFIX}") or name.endswith(".svc"):
+    if name.endswith((f".{_SUFFIX}", ".svc")):
         return []  # a cluster name that does not exist: NXDOMAIN, never ask the real DNS
     return None
 
 
+_real_open = io.open
 _orig_getaddrinfo = socket.getaddrinfo
 _orig_gethostbyname = socket.gethostbyname
 _orig_gethostbyname_ex = socket.gethostbyname_ex
