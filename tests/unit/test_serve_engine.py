@@ -30,6 +30,15 @@ def model_dir(tmp_path_factory):
     return str(save_tiny_model(tmp_path_factory.mktemp("serve-engine") / "model", seed=3))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def drain_engine(model_dir, tmp_path_factory):
+    """An engine in its own process for the SIGTERM test, started first so its start-up overlaps the tests."""
+    log = tmp_path_factory.mktemp("drain") / "engine.log"
+    proc = engine_proc(model_dir, extra=["--drain-timeout", "20"], log_path=str(log))
+    yield proc
+    proc.stop()
+
+
 @pytest.fixture(scope="module")
 def reference(model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -308,11 +317,9 @@ def test_queue_and_concurrency(engines, reference):
     assert max(waiting_seen) >= 1
 
 
-def test_sigterm_drains_in_flight_then_exits(model_dir, tmp_path):
+def test_sigterm_drains_in_flight_then_exits(drain_engine):
     """Scale-down: SIGTERM refuses new work (readiness 503) but finishes the streams already running."""
-    eng = engine_proc(
-        model_dir, extra=["--drain-timeout", "20"], log_path=str(tmp_path / "engine.log")
-    ).wait()
+    eng = drain_engine.wait()
     try:
         body = {
             "prompt": PROMPT,

@@ -61,6 +61,15 @@ def model_dir(tmp_path_factory):
     return str(save_tiny_model(tmp_path_factory.mktemp("serve-router") / "model", seed=5))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def victim(model_dir, tmp_path_factory):
+    """A decode engine in its own process, to be killed; started first so its start-up overlaps the tests."""
+    log = tmp_path_factory.mktemp("victim") / "engine.log"
+    proc = engine_proc(model_dir, role="decode", name=NAME, log_path=str(log))
+    yield proc
+    proc.stop()
+
+
 @pytest.fixture(scope="module")
 def engines(model_dir):
     from kubeforge.runtime.serve.engine import Engine
@@ -234,8 +243,8 @@ def test_short_prompt_skips_prefill(engines):
         rt.stop()
 
 
-def test_decode_killed_mid_stream_ends_cleanly(model_dir, engines, tmp_path):
-    victim = engine_proc(model_dir, role="decode", name=NAME, log_path=str(tmp_path / "victim.log")).wait()
+def test_decode_killed_mid_stream_ends_cleanly(engines, victim):
+    victim.wait()
     rt = router_server(
         {"prefill": [engines["prefill"].url], "decode": [victim.url]}, read_timeout=5, connect_timeout=1
     )
@@ -266,7 +275,6 @@ def test_decode_killed_mid_stream_ends_cleanly(model_dir, engines, tmp_path):
         assert time.monotonic() - t1 < 5
         assert metric(rt.url, m.R_ERRORS, pool="decode", reason="stream_broken") == 1
     finally:
-        victim.stop()
         rt.stop()
 
 
