@@ -401,7 +401,8 @@ class Router:
                     media_type=r.headers.get("content-type", "application/json"),
                 )
             try:
-                params = r.json().get("kv_transfer_params")
+                j = r.json()
+                params = j.get("kv_transfer_params") if isinstance(j, dict) else None
             except ValueError:
                 self.m_errors.inc(pool=PREFILL, reason="bad_response")
                 continue
