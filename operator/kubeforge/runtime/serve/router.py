@@ -615,10 +615,14 @@ class Router:
 
 def build_app(router: Router) -> Starlette:
     async def completions(request: Request) -> Response:
-        return await router.handle_generate(request, "/completions")
+        resp = await router.handle_generate(request, "/completions")
+        router.m_client_requests.inc(route="/v1/completions", code=str(resp.status_code))
+        return resp
 
     async def chat(request: Request) -> Response:
-        return await router.handle_generate(request, "/chat/completions")
+        resp = await router.handle_generate(request, "/chat/completions")
+        router.m_client_requests.inc(route="/v1/chat/completions", code=str(resp.status_code))
+        return resp
 
     async def health(request: Request) -> Response:
         router.sync()
