@@ -5,7 +5,7 @@ finds them through the Kubernetes API. Checked: Ready semantics, greedy output e
 a decode pod killed under load (clean, bounded errors; the pool recovers), and autoscaling of the decode
 pool alone from the router's metrics.
 
-Bounded: about 40 requests in all, every one with a client timeout; a few minutes on 2 cores.
+Bounded: about 50 requests in all, every one with a client timeout; a few minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -141,8 +141,9 @@ def test_disaggregated_tiny_serves_survives_a_killed_decode_pod_and_scales_decod
     uri, local = model
     obj = copy.deepcopy(example("serve-disaggregated-tiny.yaml"))
     obj["spec"]["model"]["uri"] = uri
-    # low targets so a handful of streams scale decode; prefill autoscaled too, to show it is left alone
-    obj["spec"]["decode"]["autoscaling"].update(target=1, scaleDownStabilizationSeconds=600)
+    # a low target so a handful of streams scale decode (2 streams per pod are on target; 5 are not);
+    # prefill autoscaled too, to show it is left alone
+    obj["spec"]["decode"]["autoscaling"].update(target=2, scaleDownStabilizationSeconds=600)
     obj["spec"]["prefill"]["autoscaling"] = {"minReplicas": 1, "maxReplicas": 2, "metric": "queueDepth",
                                              "target": 4, "scaleDownStabilizationSeconds": 600}
     argv = [sys.executable, "-m", "kubeforge", "operator", "-n", namespace]
@@ -183,10 +184,8 @@ def _scenario(cluster: ClusterHandle, namespace: str, jobs: Jobs, local: Path) -
     streamed = complete(url, prompt, 24, stream=True)
     assert streamed["ok"] and streamed["text"] == want, streamed
     decode_pod = ready_pods(jobs, "decode")[0]
-    decode_log = cluster.pod_log(namespace, decode_pod["metadata"]["name"])
     prefill_pod = ready_pods(jobs, "prefill")[0]
     assert "fetched s3://" in cluster.pod_log(namespace, prefill_pod["metadata"]["name"], "fetch-model")
-    assert "decode" in decode_log or decode_log == ""  # engine logs its role at start
 
     # --- a decode pod killed under a small bounded load ---------------------------------------------------
     stop = threading.Event()
@@ -196,8 +195,8 @@ def _scenario(cluster: ClusterHandle, namespace: str, jobs: Jobs, local: Path) -
         while not stop.is_set():
             results.append(complete(url, "Once upon a time", 48, stream=True, ignore_eos=True))
 
-    with cf.ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(load) for _ in range(3)]
+    with cf.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(load) for _ in range(2)]
         wait(lambda: len(results) >= 2, 60, "load before the kill")
         kube.delete(RESOURCES["Pod"], namespace, decode_pod["metadata"]["name"], grace_seconds=0)
         time.sleep(3)
@@ -205,6 +204,7 @@ def _scenario(cluster: ClusterHandle, namespace: str, jobs: Jobs, local: Path) -
         for f in futures:
             f.result(timeout=CLIENT_TIMEOUT + 10)
     assert len(results) < 60, len(results)
+    print("kill under load:", [(r["ok"], r["status"], r["error"], round(r["seconds"], 1)) for r in results])
     for r in results:
         assert r["seconds"] < CLIENT_TIMEOUT, r  # nothing hangs
         assert "TIMEOUT" not in (r["error"] or ""), r
@@ -219,6 +219,7 @@ def _scenario(cluster: ClusterHandle, namespace: str, jobs: Jobs, local: Path) -
     assert "Degraded" in jobs.event_reasons(NAME)
     after = complete(url, prompt, 24)
     assert after["ok"] and after["text"] == want, after
+    assert jobs.status(KIND, NAME)["pools"]["decode"]["desiredReplicas"] == 1  # that load was on target
 
     # --- decode load scales decode up and leaves prefill alone ---------------------------------------------
     stop.clear()
@@ -226,7 +227,7 @@ def _scenario(cluster: ClusterHandle, namespace: str, jobs: Jobs, local: Path) -
 
     def long_streams() -> None:
         nonlocal sent
-        while not stop.is_set() and sent < 24:
+        while not stop.is_set() and sent < 30:
             sent += 1
             complete(url, "Hello", 400, stream=True, ignore_eos=True)
 
@@ -234,8 +235,8 @@ def _scenario(cluster: ClusterHandle, namespace: str, jobs: Jobs, local: Path) -
         pools = jobs.status(KIND, NAME).get("pools", {})
         return pools.get("decode", {}).get("desiredReplicas") == 2
 
-    with cf.ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(long_streams) for _ in range(4)]
+    with cf.ThreadPoolExecutor(5) as pool:
+        futures = [pool.submit(long_streams) for _ in range(5)]
         try:
             wait(decode_scaled, 90, "decode desiredReplicas 2")
         finally:

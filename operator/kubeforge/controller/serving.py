@@ -201,9 +201,9 @@ def reference_command(
 def reference_probes() -> dict[str, Any]:
     """Same endpoints as vLLM; a CPU engine loads in seconds, so probes are tighter."""
     return {
-        "startupProbe": vllm.http_probe("/v1/models", 2, 150, timeout=2),
+        "startupProbe": vllm.http_probe("/v1/models", 2, 150, timeout=5),
         "livenessProbe": vllm.http_probe("/health", 10, 3),
-        "readinessProbe": vllm.http_probe("/v1/models", 2, 2, timeout=2),
+        "readinessProbe": vllm.http_probe("/v1/models", 2, 3, timeout=5),
     }
 
 
@@ -280,7 +280,7 @@ def router_deployment(
         "env": _common_env(obj),
         "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}},
-        "readinessProbe": vllm.http_probe("/ready", 2, 2, timeout=2),
+        "readinessProbe": vllm.http_probe("/ready", 2, 3, timeout=5),
         "livenessProbe": vllm.http_probe("/health", 10, 3),
     }
     pod_spec = {
