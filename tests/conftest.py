@@ -38,7 +38,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterHandle]
         "KUBEFORGE_TEST_DEVCLUSTER_DIR") else tmp_path_factory.mktemp("devcluster")
     dc = DevCluster(state_dir)
     try:
-        dc.up(nodes=2, gpus_per_node=2)
+        dc.up(nodes=2, gpus_per_node=2, owner_pid=os.getpid())
     except Exception:
         dc.down()
         raise

@@ -519,3 +519,18 @@ def test_admission_webhook_served_by_a_pod_through_its_service(cluster: ClusterH
         core.create_namespaced_config_map(namespace, {"metadata": {"name": "fine"}})
     finally:
         adm.delete_validating_webhook_configuration(cfg_name)
+
+
+def test_failing_liveness_probe_restarts_the_container(cluster: ClusterHandle, namespace: str) -> None:
+    core = _core(cluster)
+    probe = {"tcpSocket": {"port": 1}, "periodSeconds": 1, "failureThreshold": 2}
+    core.create_namespaced_pod(namespace, _pod("unhealthy", "import time; time.sleep(600)", restartPolicy="Always",
+                                               terminationGracePeriodSeconds=1, container={"livenessProbe": probe}))
+
+    def restarted() -> bool:
+        sts = core.read_namespaced_pod("unhealthy", namespace).status.container_statuses or []
+        return bool(sts) and sts[0].restart_count >= 1
+
+    wait_for(restarted, 60, what="a restart after liveness failures")
+    reasons = {e.reason for e in _events(core, namespace, "unhealthy")}
+    assert {"Unhealthy", "Killing"} <= reasons, reasons

@@ -14,6 +14,7 @@ Everything lives in one state dir (default ~/.cache/kubeforge/devcluster or $KUB
 from __future__ import annotations
 
 import base64
+import fcntl
 import http.client
 import json
 import os
@@ -26,7 +27,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,14 +173,14 @@ class DevCluster:
     def status(self) -> list[dict[str, Any]]:
         checks = self._health_checks() if self.ports else {}
         out = []
-        for name in ORDER:
-            c = (self.state.get("components") or {}).get(name)
-            if not c:
-                continue
+        comps = self.state.get("components") or {}
+        for name in [n for n in ORDER if n in comps] + [n for n in comps if n not in ORDER]:
+            c = comps[name]
             pid = self._alive(name)
             out.append({
                 "component": name, "pid": int(c["pid"]), "alive": pid is not None,
-                "healthy": bool(pid is not None and checks.get(name, lambda: False)()),
+                # extra processes (operator, watchdog, test helpers) have no health endpoint: alive is healthy
+                "healthy": bool(pid is not None and checks.get(name, lambda: True)()),
                 "log": str(self.log_path(name)),
             })
         return out
@@ -350,9 +352,29 @@ class DevCluster:
         return env
 
     # ------------------------------------------------------------------------------------------- up/down
-    def up(self, nodes: int = 2, gpus_per_node: int = 2, with_operator: bool = False,
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One `up`/`down` at a time per state dir (two shells, or a test session and a person)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                if self.state_file.exists():  # another holder may have changed it
+                    self.state = json.loads(self.state_file.read_text())
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def up(self, *args: Any, **kwargs: Any) -> None:
+        with self._locked():
+            self._up(*args, **kwargs)
+
+    def _up(self, nodes: int = 2, gpus_per_node: int = 2, with_operator: bool = False,
            cpus_per_node: str = "8", memory_per_node: str = "32Gi",
-           operator_argv: list[str] | None = None, extra_crd_dirs: list[Path] | None = None) -> None:
+           operator_argv: list[str] | None = None, extra_crd_dirs: list[Path] | None = None,
+           owner_pid: int | None = None) -> None:
+        """Start what is not running and healthy. `owner_pid`: a watchdog takes the cluster down when that
+        process dies (test sessions killed by a signal would otherwise leave a whole control plane behind)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         bins = assets.ensure_binaries()
         prev = (self.state.get("nodes"), self.state.get("gpus_per_node"))
@@ -384,6 +406,11 @@ class DevCluster:
         for d in extra_crd_dirs or []:
             install_crd_files(self.api_client(), sorted(d.glob("*.yaml")) + sorted(d.glob("*.yml")))
             self._save()
+        if owner_pid is not None and self._alive("watchdog") is None:
+            self._spawn(Component("watchdog", [
+                sys.executable, "-m", "kubeforge.devcluster.cluster", "watchdog", str(self.dir), str(owner_pid),
+                proc_start_ticks(owner_pid) or "",
+            ], env=self._pkg_env()))
         if with_operator and self._alive("operator") is None:
             argv = operator_argv or [sys.executable, "-m", "kubeforge", "operator"]
             _err("dev-cluster: starting operator")
@@ -398,10 +425,17 @@ class DevCluster:
         self._stop(name, grace)
 
     def down(self, purge: bool = False) -> None:
+        with self._locked():
+            self._down(purge)
+
+    def _down(self, purge: bool) -> None:
         comps = self.state.get("components") or {}
         extra = [n for n in comps if n not in ORDER]
         for name in extra + list(reversed(ORDER)):
             if name in comps:
+                if int(comps[name]["pid"]) == os.getpid():  # the watchdog taking the cluster down
+                    comps.pop(name)
+                    continue
                 _err(f"dev-cluster: stopping {name}")
                 self._stop(name, grace=15.0 if name == "nodeagent" else 10.0)
         self._kill_pod_processes()
@@ -517,9 +551,25 @@ def install_crd_files(api: Any, files: list[Path]) -> list[str]:
     return names
 
 
+def _watchdog(state_dir: str, pid: int, ticks: str) -> None:
+    """Wait for the owner process to end, then stop the cluster (the owner's own teardown usually wins)."""
+    while proc_start_ticks(pid) == ticks and ticks:
+        time.sleep(2)
+    dc = DevCluster(Path(state_dir))
+    if dc.state.get("components"):
+        dc.down()
+
+
 def _reap(pid: int) -> None:
     """Collect a child we started in this process (tests keep the CLI process alive)."""
     try:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "watchdog":
+        _watchdog(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    else:
+        sys.exit("usage: python -m kubeforge.devcluster.cluster watchdog STATE_DIR PID START_TICKS")

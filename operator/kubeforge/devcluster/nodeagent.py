@@ -1135,15 +1135,21 @@ class NodeAgent:
             self.dns_dirty.wait()
             time.sleep(0.05)  # coalesce bursts of watch events
             self.dns_dirty.clear()
-            services = list(self.services.cache.values())
-            proxied = self._sync_proxy(services)
-            rec = dns_records(list(self.pods.cache.values()), services, self.apiserver[0], proxied)
-            text = "".join(f"{ip} {name}\n" for name, ips in sorted(rec.items()) for ip in ips)
-            if text != last:
-                tmp = self.hosts_file.with_suffix(".tmp")
-                tmp.write_text(text)
-                os.replace(tmp, self.hosts_file)  # atomic: readers never see half a file
-                last = text
+            try:
+                last = self._write_dns(last)
+            except Exception:  # never let DNS updates stop; the next change retries
+                log.exception("updating cluster DNS failed")
+
+    def _write_dns(self, last: str) -> str:
+        services = list(self.services.cache.values())
+        proxied = self._sync_proxy(services)
+        rec = dns_records(list(self.pods.cache.values()), services, self.apiserver[0], proxied)
+        text = "".join(f"{ip} {name}\n" for name, ips in sorted(rec.items()) for ip in ips)
+        if text != last:
+            tmp = self.hosts_file.with_suffix(".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, self.hosts_file)  # atomic: readers never see half a file
+        return text
 
     # --- health
     def healthy(self) -> bool:
