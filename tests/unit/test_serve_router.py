@@ -583,3 +583,35 @@ def test_router_cli_pd_flow_and_request_id(echoes):
         assert ev[-1] == "[DONE]" and len(ev) == 4
     finally:
         rt.stop()
+
+
+def test_router_sigterm_drains(echoes):
+    """The router on SIGTERM: readiness 503 at once, the stream in flight completes, then a clean exit."""
+    import signal
+
+    from kubeforge.runtime.serve.testing import Proc
+
+    d = echoes(delay=0.05)
+    port = free_port()
+    rt = Proc(
+        "kubeforge.runtime.serve.router",
+        ["--host", "127.0.0.1", "--port", str(port), "--decode", d.url, "--min-drain-seconds", "0.3"],
+        port,
+    ).wait(30)
+    try:
+        with httpx.stream(
+            "POST",
+            rt.url + "/v1/completions",
+            json={"prompt": "x", "max_tokens": 20, "stream": True},
+            timeout=10,
+        ) as s:
+            lines = s.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            rt.signal(signal.SIGTERM)
+            time.sleep(0.1)
+            assert httpx.get(rt.url + "/ready").status_code == 503
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]" and len(rest) == 20  # 19 more tokens, then [DONE]
+        assert rt.proc.wait(10) == 0
+    finally:
+        rt.stop()

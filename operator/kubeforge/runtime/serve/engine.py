@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import queue
-import signal
 import socket
 import threading
 import time
@@ -803,7 +802,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    import uvicorn
+    from .server import serve
 
     a = parse_args(argv)
     from .router import fast_fail_missing_sniffio
@@ -829,54 +828,18 @@ def main(argv=None) -> None:
         dtype=a.dtype,
     )
     app = build_app(engine, a.request_timeout)
-    config = uvicorn.Config(
-        app,
-        host=a.host,
-        port=a.port,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=a.drain_timeout,
-        timeout_keep_alive=30,
-    )
-    server = DrainingServer(config, engine, a.drain_timeout)
-    log.info("engine %s (%s) serving %s on %s:%d", engine.engine_id, a.role, engine.name, a.host, a.port)
-    server.run()
+    e = engine
 
+    def begin_drain() -> None:
+        e.draining = True
+        log.info("draining: %d open requests, %d KV caches to hand off", e.open_requests, len(e.store))
 
-try:
-    import uvicorn as _uvicorn
+    def is_drained() -> bool:
+        e.store.sweep()
+        return e.open_requests == 0 and not e.active and e.queue.empty() and len(e.store) == 0
 
-    class DrainingServer(_uvicorn.Server):
-        """SIGTERM: refuse new work (readiness 503), finish in-flight requests and pending KV fetches, exit."""
-
-        def __init__(self, config, engine: Engine, drain_timeout: float):
-            super().__init__(config)
-            self.engine = engine
-            self.drain_timeout = drain_timeout
-
-        def handle_exit(self, sig, frame) -> None:
-            if self.engine.draining or sig not in (signal.SIGTERM, signal.SIGINT):
-                return super().handle_exit(sig, frame)  # a second signal: stop now
-            self.engine.draining = True
-            log.info(
-                "draining: %d open requests, %d KV caches to hand off",
-                self.engine.open_requests,
-                len(self.engine.store),
-            )
-            threading.Thread(target=self._drain, name="drain", daemon=True).start()
-
-        def _drain(self) -> None:
-            deadline = time.monotonic() + self.drain_timeout
-            e = self.engine
-            while time.monotonic() < deadline:
-                e.store.sweep()
-                if e.open_requests == 0 and not e.active and e.queue.empty() and len(e.store) == 0:
-                    break
-                time.sleep(0.05)
-            log.info("drained (open=%d, kv=%d); exiting", e.open_requests, len(e.store))
-            self.should_exit = True
-except ImportError:  # pragma: no cover
-    DrainingServer = None  # type: ignore[assignment,misc]
+    log.info("engine %s (%s) serving %s on %s:%d", e.engine_id, a.role, e.name, a.host, a.port)
+    serve(app, a.host, a.port, begin_drain, is_drained, a.drain_timeout)
 
 
 if __name__ == "__main__":

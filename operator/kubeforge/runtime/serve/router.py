@@ -168,6 +168,8 @@ class Router:
         self.recent_itl = {p: RecentMean(self.cfg.recent_window) for p in (PREFILL, DECODE)}
         self.in_flight = {PREFILL: 0, DECODE: 0}
         self.recent_prefill = RecentMean(self.cfg.recent_window)
+        self.open_requests = 0  # client requests not yet answered (streams count via in_flight)
+        self.draining = False
 
         r = self.registry = m.Registry()
         r.gauge(
@@ -615,12 +617,20 @@ class Router:
 
 def build_app(router: Router) -> Starlette:
     async def completions(request: Request) -> Response:
-        resp = await router.handle_generate(request, "/completions")
+        router.open_requests += 1
+        try:
+            resp = await router.handle_generate(request, "/completions")
+        finally:
+            router.open_requests -= 1
         router.m_client_requests.inc(route="/v1/completions", code=str(resp.status_code))
         return resp
 
     async def chat(request: Request) -> Response:
-        resp = await router.handle_generate(request, "/chat/completions")
+        router.open_requests += 1
+        try:
+            resp = await router.handle_generate(request, "/chat/completions")
+        finally:
+            router.open_requests -= 1
         router.m_client_requests.inc(route="/v1/chat/completions", code=str(resp.status_code))
         return resp
 
@@ -631,7 +641,8 @@ def build_app(router: Router) -> Starlette:
     async def ready(request: Request) -> Response:
         router.sync()
         _, serving = router.serving_pools()
-        return JSONResponse({"ready": serving is not None}, status_code=200 if serving else 503)
+        ok = serving is not None and not router.draining
+        return JSONResponse({"ready": ok, "draining": router.draining}, status_code=200 if ok else 503)
 
     async def metrics(request: Request) -> Response:
         router.sync()
@@ -694,7 +705,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--scrape-interval", type=float, default=2.0, help="engine /metrics scrape period (0=off)")
     p.add_argument("--recent-window", type=float, default=60.0)
-    p.add_argument("--drain-timeout", type=float, default=30.0)
+    p.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="SIGTERM: max seconds to finish requests"
+    )
+    p.add_argument(
+        "--min-drain-seconds",
+        type=float,
+        default=5.0,
+        help="SIGTERM: keep serving at least this long, while endpoints stop routing here",
+    )
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
@@ -717,7 +736,7 @@ def make_discovery(a: argparse.Namespace) -> Discovery:
 
 
 def main(argv=None) -> None:
-    import uvicorn
+    from .server import serve
 
     a = parse_args(argv)
     fast_fail_missing_sniffio()
@@ -736,16 +755,17 @@ def main(argv=None) -> None:
         scrape_interval=a.scrape_interval,
         recent_window=a.recent_window,
     )
-    app = build_app(Router(make_discovery(a), cfg))
-    uvicorn.run(
-        app,
-        host=a.host,
-        port=a.port,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=a.drain_timeout,
-        timeout_keep_alive=30,
-    )
+    router = Router(make_discovery(a), cfg)
+    app = build_app(router)
+
+    def begin_drain() -> None:
+        router.draining = True  # /ready answers 503; requests still arriving are served
+        log.info("draining: %d open requests", router.open_requests)
+
+    def is_drained() -> bool:
+        return router.open_requests == 0 and not any(router.in_flight.values())
+
+    serve(app, a.host, a.port, begin_drain, is_drained, a.drain_timeout, a.min_drain_seconds)
 
 
 if __name__ == "__main__":
