@@ -220,7 +220,8 @@ class DevCluster:
         pid = self._alive(name)
         if pid is not None:
             try:
-                os.killpg(pid, signal.SIGTERM)
+                # grace <= 0: an abrupt kill (a crash), no SIGTERM first
+                os.killpg(pid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
             except ProcessLookupError:
                 pass
             deadline = time.monotonic() + grace

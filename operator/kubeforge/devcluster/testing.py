@@ -48,6 +48,7 @@ class Process:
     _stop: Callable[[float], None]
 
     def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM, SIGKILL after `grace` seconds; grace <= 0 is a plain SIGKILL (a crash)."""
         self._stop(grace)
 
     def log(self) -> str:
@@ -122,7 +123,7 @@ class ClusterHandle:
 
         def stop(grace: float) -> None:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+                os.killpg(proc.pid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
                 try:
                     proc.wait(grace)
                 except subprocess.TimeoutExpired:
