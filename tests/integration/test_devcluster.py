@@ -81,6 +81,41 @@ def test_path_mapping() -> None:
     assert map_arg("/dev/termination-log", m) == "/s/t"
 
 
+def test_pod_shim_maps_paths_and_resolves_cluster_names(tmp_path: Path) -> None:
+    """The sitecustomize shim on its own: mount-path rewriting (incl. no-arg os.listdir) and cluster DNS with
+    the pod's search list."""
+    import os
+    import subprocess
+
+    from kubeforge.devcluster.nodeagent import SHIM_DIR
+
+    host = tmp_path / "vol"
+    host.mkdir()
+    (host / "job.json").write_text('{"ok": true}')
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.10.5 web.ns1.svc.cluster.local\n127.0.10.6 a.gang.ns1.svc.cluster.local\n")
+    code = textwrap.dedent("""
+        import json, os, socket
+        assert json.load(open('/etc/kubeforge/job.json')) == {'ok': True}
+        assert os.listdir('/etc/kubeforge') == ['job.json'] and isinstance(os.listdir(), list)
+        assert socket.gethostbyname('web') == '127.0.10.5'
+        assert socket.gethostbyname('a.gang.ns1.svc') == '127.0.10.6'
+        assert socket.getaddrinfo('a.gang', 80)[0][4][0] == '127.0.10.6'
+        try:
+            socket.gethostbyname('missing.ns1.svc.cluster.local')
+            raise SystemExit('resolved a missing cluster name')
+        except socket.gaierror:
+            pass
+        assert socket.gethostname() == 'pod-0'
+    """)
+    env = dict(os.environ, PYTHONPATH=str(SHIM_DIR), KUBEFORGE_DEVCLUSTER_HOSTS=str(hosts),
+               KUBEFORGE_DEVCLUSTER_NAMESPACE="ns1", KUBEFORGE_DEVCLUSTER_HOSTNAME="pod-0",
+               KUBEFORGE_DEVCLUSTER_MOUNTS=json.dumps({"/etc/kubeforge": str(host)}))
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+
+
 # ---------------------------------------------------------------------------------------------- pods
 
 

@@ -163,8 +163,15 @@ def _map(p):  # type: ignore[no-untyped-def]
 
 
 def _wrap1(fn):  # type: ignore[no-untyped-def]
-    def w(path, *a, **k):  # type: ignore[no-untyped-def]
-        return fn(_map(path), *a, **k)
+    # The path may be omitted (os.listdir(), os.scandir()) or passed by keyword (open(file=...)).
+    def w(*a, **k):  # type: ignore[no-untyped-def]
+        if a:
+            a = (_map(a[0]), *a[1:])
+        else:
+            for kw in ("file", "path"):
+                if kw in k:
+                    k[kw] = _map(k[kw])
+        return fn(*a, **k)
 
     w.__wrapped__ = fn  # type: ignore[attr-defined]
     w.__name__ = getattr(fn, "__name__", "wrapped")
