@@ -5,7 +5,7 @@ finds them through the Kubernetes API. Checked: Ready semantics, greedy output e
 a decode pod killed under load (clean, bounded errors; the pool recovers), and autoscaling of the decode
 pool alone from the router's metrics.
 
-Bounded: about 50 requests in all, every one with a client timeout; a few minutes on 2 cores.
+Bounded: about 150 requests in all, every one with a client timeout; a few minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -191,13 +191,15 @@ def _scenario(cluster: ClusterHandle, namespace: str, jobs: Jobs, local: Path) -
     stop = threading.Event()
     results: list[dict[str, Any]] = []
 
-    def load() -> None:
+    def load(tokens: int, pause: float = 0.0) -> None:
         while not stop.is_set():
-            results.append(complete(url, "Once upon a time", 48, stream=True, ignore_eos=True))
+            results.append(complete(url, "Once upon a time", tokens, stream=True, ignore_eos=True))
+            stop.wait(pause)
 
     with cf.ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(load) for _ in range(2)]
+        futures = [pool.submit(load, 160) for _ in range(2)]  # streams of ~2 s: the kill lands mid-stream
         wait(lambda: len(results) >= 2, 60, "load before the kill")
+        time.sleep(0.5)
         kube.delete(RESOURCES["Pod"], namespace, decode_pod["metadata"]["name"], grace_seconds=0)
         time.sleep(3)
         stop.set()
@@ -253,3 +255,35 @@ def _scenario(cluster: ClusterHandle, namespace: str, jobs: Jobs, local: Path) -
     assert "ScaledUp" in jobs.event_reasons(NAME)
     wait(lambda: len(ready_pods(jobs, "decode")) == 2, 90, "2 ready decode pods")
     wait(lambda: jobs.status(KIND, NAME)["pools"]["decode"]["readyReplicas"] == 2, 30, "status decode 2/2")
+
+    # --- a spec change rolls decode pod by pod under load: no request fails ---------------------------------
+    jobs.patch_spec(KIND, NAME, {"decode": {**obj_decode(jobs), "env": [{"name": "ROLLOUT", "value": "1"}]}})
+    results.clear()
+    stop.clear()
+
+    def rolled() -> bool:
+        d = kube.get(RESOURCES["Deployment"], namespace, "tiny-decode") or {}
+        s = d.get("status") or {}
+        return (s.get("observedGeneration", 0) >= d["metadata"]["generation"] and s.get("updatedReplicas") == 2
+                and s.get("replicas") == 2 and s.get("readyReplicas") == 2)
+
+    with cf.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(load, 48, 0.3) for _ in range(2)]
+        try:
+            wait(lambda: len(results) >= 2 and rolled(), 150, "the decode rollout")
+        finally:
+            stop.set()
+            for f in futures:
+                f.result(timeout=CLIENT_TIMEOUT + 10)
+    print("rollout under load:", [(r["ok"], r["status"], r["error"], round(r["seconds"], 1)) for r in results])
+    assert results and all(r["ok"] for r in results), [r for r in results if not r["ok"]]
+    wait_ready(jobs, 60, "Ready after the rollout")
+    wait(lambda: jobs.status(KIND, NAME).get("phase") == "Ready", 60, "phase Ready after the rollout")
+    # each Deployment was written only when something changed: no patch storm
+    gens = {d["metadata"]["name"]: d["metadata"]["generation"] for d in kube.list(
+        RESOURCES["Deployment"], namespace, f"kubeforge.dev/job-name={NAME}")}
+    assert gens == {"tiny-prefill": 1, "tiny-router": 1, "tiny-decode": 3}, gens  # +replicas, +template
+
+
+def obj_decode(jobs: Jobs) -> dict[str, Any]:
+    return dict(jobs.get(KIND, NAME)["spec"]["decode"])
