@@ -143,8 +143,20 @@ if (( ${#build_targets[@]} )); then
     mkdir -p "$WORK/srcpkg"
     (cd "$WORK/srcpkg" && apt_private source --download-only kubernetes/bookworm >&2)
     dsc=$(ls "$WORK/srcpkg"/kubernetes_*.dsc | head -n1)
-    # dpkg-source applies Debian's patches too; fine (they are build fixes).
-    (cd "$WORK/srcpkg" && dpkg-source --no-check -x "$dsc" "$SRC" >&2)
+    if command -v dpkg-source >/dev/null; then
+      # dpkg-source applies Debian's patches too (printing fixes and a CVE fix).
+      (cd "$WORK/srcpkg" && dpkg-source --no-check -x "$dsc" "$SRC" >&2)
+    else
+      # No dpkg-dev here: unpack by hand, then apply the Debian patch series when `patch` exists.
+      mkdir -p "$SRC"
+      tar -xf "$(ls "$WORK/srcpkg"/kubernetes_*.orig.tar.* | head -n1)" -C "$SRC" --strip-components=1
+      tar -xf "$(ls "$WORK/srcpkg"/kubernetes_*.debian.tar.* | head -n1)" -C "$SRC"
+      if command -v patch >/dev/null && [[ -f "$SRC/debian/patches/series" ]]; then
+        grep -v '^#' "$SRC/debian/patches/series" | while read -r p _; do
+          [[ -n "$p" ]] && patch -d "$SRC" -p1 -s <"$SRC/debian/patches/$p" >&2
+        done
+      fi
+    fi
     touch "$SRC/.kubeforge-unpacked"
   fi
 
