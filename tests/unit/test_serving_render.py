@@ -162,6 +162,7 @@ def test_vllm_serve_command(deployment, tp, expected_tail):
     assert flag(argv, "--port") == "8000"
     assert flag(argv, "--host") == "0.0.0.0"
     assert flag(argv, "--tensor-parallel-size") == str(tp)
+    assert flag(argv, "--shutdown-timeout") == str(vllm.SHUTDOWN_TIMEOUT_S)
     assert "--max-model-len" not in argv and "--block-size" not in argv
     assert json.loads(flag(argv, "--kv-transfer-config")) == {
         "kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cuda",
@@ -228,7 +229,8 @@ def test_vllm_probes_and_shm():
     spec = pod_spec(VLLM_PD, "llm-decode")
     assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in spec["volumes"]
     assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
-    assert spec["terminationGracePeriodSeconds"] == vllm.GRACE_SECONDS
+    assert c["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", str(vllm.PRESTOP_SLEEP_S)]}}}
+    assert spec["terminationGracePeriodSeconds"] > vllm.PRESTOP_SLEEP_S + vllm.SHUTDOWN_TIMEOUT_S
 
 
 def test_vllm_image_default_and_override():
@@ -295,7 +297,8 @@ def test_reference_engine_argv_parses(obj, deployment, role):
     assert (a.model, a.role, a.host, a.port) == (f"/models/{name}", role, "10.0.0.7", 8000)
     assert a.engine_id == "tiny-decode-abc"
     assert a.drain_timeout == sv.REFERENCE_DRAIN_S
-    assert pod_spec(obj, deployment)["terminationGracePeriodSeconds"] > a.drain_timeout
+    assert pod_spec(obj, deployment)["terminationGracePeriodSeconds"] > vllm.PRESTOP_SLEEP_S + a.drain_timeout
+    assert "preStop" in c["lifecycle"]
     assert c["readinessProbe"]["httpGet"]["path"] == "/v1/models"
     assert c["livenessProbe"]["httpGet"]["path"] == "/health"
     assert "resources" not in c or GPU not in json.dumps(c["resources"])

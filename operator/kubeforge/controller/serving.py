@@ -224,6 +224,7 @@ def engine_deployment(
             "env": [*_common_env(obj), *vllm.vllm_env(spec, role), *user_env],
             "ports": vllm.vllm_ports(spec, role),
             "resources": resources_block(pool, default_gpus=pool.tensor_parallel),
+            "lifecycle": vllm.pre_stop(),
             **vllm.vllm_probes(),
         }
         volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}})
@@ -237,9 +238,10 @@ def engine_deployment(
             "env": [*_common_env(obj), *user_env],
             "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
             "resources": resources_block(pool),
+            "lifecycle": vllm.pre_stop(),
             **reference_probes(),
         }
-        grace = REFERENCE_DRAIN_S + 15
+        grace = vllm.PRESTOP_SLEEP_S + REFERENCE_DRAIN_S + 10
     container["volumeMounts"] = mounts
     pod_spec: dict[str, Any] = {
         "initContainers": [fetch_container(obj, spec, uri, image, settings.python)],

@@ -5,7 +5,8 @@ config names follow vLLM's own (`vllm serve --help`, `vllm/config/kv_transfer.py
 and its integration scripts):
 
   vllm serve <local dir> --served-model-name N --host 0.0.0.0 --port P --tensor-parallel-size TP
-      [--max-model-len L] [--block-size B] [--kv-transfer-config '<JSON KVTransferConfig>'] [extra args]
+      --shutdown-timeout S [--max-model-len L] [--block-size B]
+      [--kv-transfer-config '<JSON KVTransferConfig>'] [extra args]
 
 KVTransferConfig fields used: `kv_connector`, `kv_role` (kv_producer | kv_consumer | kv_both),
 `kv_buffer_device` (cuda | cpu), `kv_load_failure_policy` (recompute | fail). NixlConnector is symmetric
@@ -31,7 +32,11 @@ SYMMETRIC_CONNECTORS = frozenset({"NixlConnector"})
 # Big checkpoints take minutes to load and compile; the startup probe allows 30 min before liveness counts.
 STARTUP_PERIOD_S = 10
 STARTUP_FAILURES = 180
-GRACE_SECONDS = 120  # uvicorn waits for open HTTP requests on SIGTERM; long generations need the room
+# Drain: a preStop pause lets endpoints and routers drop the pod before SIGTERM; then vLLM (>= 0.18,
+# --shutdown-timeout) refuses new requests and lets in-flight ones finish. The grace period covers both.
+PRESTOP_SLEEP_S = 5
+SHUTDOWN_TIMEOUT_S = 90
+GRACE_SECONDS = PRESTOP_SLEEP_S + SHUTDOWN_TIMEOUT_S + 15
 
 
 def kv_role(connector: str, role: str) -> str:
@@ -64,6 +69,7 @@ def vllm_command(
         "--host", "0.0.0.0",
         "--port", str(spec.port),
         "--tensor-parallel-size", str(pool.tensor_parallel),
+        "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S),
     ]
     if spec.max_model_len is not None:
         argv += ["--max-model-len", str(spec.max_model_len)]
@@ -108,6 +114,11 @@ def http_probe(path: str, period: int, failures: int, timeout: int = 5, delay: i
     return probe
 
 
+def pre_stop(seconds: int = PRESTOP_SLEEP_S) -> dict[str, Any]:
+    """A pause before SIGTERM, so Services and routers stop sending new requests first."""
+    return {"preStop": {"exec": {"command": ["sleep", str(seconds)]}}}
+
+
 def vllm_probes() -> dict[str, Any]:
     """liveness /health (the engine process is alive); readiness and startup /v1/models (it serves)."""
     return {
@@ -119,9 +130,12 @@ def vllm_probes() -> dict[str, Any]:
 
 __all__ = [
     "GRACE_SECONDS",
+    "PRESTOP_SLEEP_S",
+    "SHUTDOWN_TIMEOUT_S",
     "http_probe",
     "kv_role",
     "kv_transfer_config",
+    "pre_stop",
     "vllm_command",
     "vllm_env",
     "vllm_ports",
