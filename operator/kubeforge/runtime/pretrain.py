@@ -214,6 +214,7 @@ def run(job: dict[str, Any], spec: PretrainJobSpec, stop: StopFlag) -> dict[str,
     eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
     if eos_id is None:
         raise InvalidSpec("neither the tokenizer nor the model config defines an EOS token", "spec.model")
+    log.info("model and tokenizer ready (%.1fM parameters)", sum(p.numel() for p in model.parameters()) / 1e6)
     model = kdist.wrap(model, choice, device, denv)
     optimizer = build_optimizer(model, spec.optimizer, choice.device_type)
     scheduler = build_scheduler(optimizer, spec.optimizer, tplan.total_steps)
@@ -258,6 +259,7 @@ def run(job: dict[str, Any], spec: PretrainJobSpec, stop: StopFlag) -> dict[str,
         ckpt.save(app, step, tokens)
 
     reporter.report(progress(), force=True)
+    start_step = step
     interval = spec.checkpoint.interval_steps
     log_every = spec.training.log_interval_steps
     window_tokens, window_start = 0, time.monotonic()
@@ -296,7 +298,8 @@ def run(job: dict[str, Any], spec: PretrainJobSpec, stop: StopFlag) -> dict[str,
 
             if step % log_every == 0 or step == tplan.total_steps:
                 now = time.monotonic()
-                if now - window_start >= MIN_REPORT_INTERVAL_S or step == tplan.total_steps:
+                first_step = step == start_step + 1  # report at once that training (re)started
+                if now - window_start >= MIN_REPORT_INTERVAL_S or step == tplan.total_steps or first_step:
                     last_tps[0] = window_tokens / max(1e-9, now - window_start)
                     p = progress()
                     p.loss = sum(window_losses) / len(window_losses)
@@ -327,7 +330,7 @@ def run(job: dict[str, Any], spec: PretrainJobSpec, stop: StopFlag) -> dict[str,
         return result
     finally:
         prefetch.close()
-        reporter.close()
+        reporter.close(timeout=3.0)
 
 
 def export(model: Any, tokenizer: Any, store: CheckpointStore, workdir: Path, denv: kdist.DistEnv) -> str:
@@ -372,11 +375,15 @@ def main(argv: list[str] | None = None) -> int:
         if rank == "0":
             write_termination_message({"reason": "Preempted", "message": str(exc)})
         code = contract.EXIT_PREEMPTED
-    except StorageError:
-        log.exception("storage failure")
-        code = 1
-    finally:
-        _shutdown()
+    except BaseException as exc:  # noqa: BLE001 - a crash: the gang is restarted and resumes
+        log.exception("training failed: %s", exc)
+        write_termination_message({"reason": "StorageError" if isinstance(exc, StorageError) else "Error",
+                                   "message": f"{type(exc).__name__}: {exc}"})
+        # leave at once: a graceful teardown can block on peers that are already gone (a dead rank's
+        # collectives), and torchrun tears the gang down anyway
+        logging.shutdown()
+        os._exit(1)
+    _shutdown()
     return code
 
 
