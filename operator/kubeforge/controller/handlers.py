@@ -99,7 +99,13 @@ for _kind in KINDS:
 
 
 @kopf.on.event("", "v1", "pods", labels={contract.LABEL_JOB_KIND: kopf.PRESENT, contract.LABEL_JOB_NAME: kopf.PRESENT})
-def on_child_pod(labels: dict[str, str], namespace: str | None, **_: Any) -> None:
-    """A pod of a job changed: reconcile its owner now instead of at the next resync."""
-    if namespace:
-        _reconcile(labels[contract.LABEL_JOB_KIND], namespace, labels[contract.LABEL_JOB_NAME])
+def on_child_pod(body: kopf.Body, labels: dict[str, str], namespace: str | None, **_: Any) -> None:
+    """A pod of a job changed: keep its report (even from a deleted pod), then reconcile the owner now."""
+    if not namespace:
+        return
+    kind, name = labels[contract.LABEL_JOB_KIND], labels[contract.LABEL_JOB_NAME]
+    try:
+        reconciler().record_pod_report(kind, namespace, name, dict(body))
+    except Exception:
+        log.exception("could not record the report of pod %s/%s", namespace, body.get("metadata", {}).get("name"))
+    _reconcile(kind, namespace, name)

@@ -10,15 +10,15 @@ from datetime import datetime, timezone
 from typing import Any
 
 from kubeforge.api.registry import BY_KIND
-from kubeforge.api.status import JobStatus, ServingStatus
+from kubeforge.api.status import CheckpointRef, JobStatus, ServingStatus
 from kubeforge.api.validation import parse_spec, validate
 from kubeforge.settings import OperatorSettings
 
-from . import kueue
+from . import kueue, pods
 from .children import selector
 from .conditions import set_kstatus
 from .kube import RESOURCES, Kube, Resource
-from .training import Event, JobContext, Observed, Plan, Source, plan
+from .training import Event, JobContext, Observed, Plan, Source, merge_progress, plan
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,32 @@ class Reconciler:
 
                 return reconcile_serving(self, obj)
             return self.stall_unsupported(obj)
+
+    def record_pod_report(self, kind: str, namespace: str, name: str, pod: dict[str, Any]) -> None:
+        """Keep what a pod reported even if the pod is gone before the next reconcile lists it.
+
+        A pod stopped by suspension or eviction writes its last checkpoint and exits; the node may delete it
+        right after, so its final annotation reaches the operator only through this event's copy of the pod.
+        Checkpoints only move forward; progress only when it is ahead of what the status shows.
+        """
+        report = pods.progress_report(pod)
+        if not report or kind not in BY_KIND or not BY_KIND[kind].is_job:
+            return
+        with self.lock(kind, namespace, name):
+            obj = self.kube.get(RESOURCES[kind], namespace, name)
+            if obj is None:
+                return
+            status = JobStatus.model_validate(obj.get("status") or {})
+            before = status.to_wire()
+            known_ckpt = status.last_checkpoint.step if status.last_checkpoint else -1
+            known_step = status.progress.step if status.progress and status.progress.step is not None else -1
+            ckpt = report.get("lastCheckpoint")
+            if isinstance(ckpt, dict) and isinstance(ckpt.get("step"), int) and ckpt["step"] > known_ckpt:
+                status.last_checkpoint = CheckpointRef(uri=ckpt["uri"], step=ckpt["step"], time=ckpt.get("time"))
+            if isinstance(report.get("step"), int) and report["step"] > known_step:
+                merge_progress(status, {**report, "lastCheckpoint": None})
+            if status.to_wire() != before:
+                self.write_status(obj, status)
 
     # --- shared status helpers -----------------------------------------------------------------------
     def status_model(self, obj: dict[str, Any]) -> JobStatus | ServingStatus:
