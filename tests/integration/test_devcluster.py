@@ -569,3 +569,47 @@ def test_failing_liveness_probe_restarts_the_container(cluster: ClusterHandle, n
     wait_for(restarted, 60, what="a restart after liveness failures")
     reasons = {e.reason for e in _events(core, namespace, "unhealthy")}
     assert {"Unhealthy", "Killing"} <= reasons, reasons
+
+
+def test_pods_bind_the_same_wildcard_port_and_share_localhost_within_a_pod(cluster: ClusterHandle,
+                                                                            namespace: str) -> None:
+    """Each pod behaves as if it had its own network namespace: two pods serve 0.0.0.0:8130 side by side,
+    and the containers of one pod reach each other over localhost."""
+    core = _core(cluster)
+    serve = {"name": "web", "image": "python:3.11", "command": ["python", "-m", "http.server", "8130"],
+             "readinessProbe": {"tcpSocket": {"port": 8130}, "periodSeconds": 1}}
+    for name in ("wild-a", "wild-b"):
+        core.create_namespaced_pod(namespace, {"metadata": {"name": name}, "spec": {
+            "terminationGracePeriodSeconds": 2, "containers": [serve]}})
+    ips = []
+    for name in ("wild-a", "wild-b"):
+        p = wait_for(lambda n=name: (p := core.read_namespaced_pod(n, namespace)).status.container_statuses
+                     and p.status.container_statuses[0].ready and p, 60, what=f"{name} ready")
+        ips.append(p.status.pod_ip)
+    import urllib.request
+
+    for ip in ips:
+        assert b"Directory listing" in urllib.request.urlopen(f"http://{ip}:8130/", timeout=5).read()
+    sidecar = textwrap.dedent("""
+        import time, urllib.request
+        for _ in range(100):
+            try:
+                body = urllib.request.urlopen('http://localhost:8131/', timeout=2).read()
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert b'Directory listing' in body
+    """)
+    core.create_namespaced_pod(namespace, {"metadata": {"name": "local"}, "spec": {
+        "restartPolicy": "Never", "terminationGracePeriodSeconds": 1, "containers": [
+            {"name": "server", "image": "x", "command": ["python", "-m", "http.server", "8131", "--bind", "127.0.0.1"]},
+            {"name": "client", "image": "x", "command": ["python", "-c", sidecar]},
+        ]}})
+
+    def client_done() -> Any:
+        p = core.read_namespaced_pod("local", namespace)
+        sts = {s.name: s for s in p.status.container_statuses or []}
+        return "client" in sts and sts["client"].state.terminated
+
+    term = wait_for(client_done, 60, what="sidecar client finished")
+    assert term.exit_code == 0, cluster.pod_log(namespace, "local", "client")

@@ -644,8 +644,9 @@ class PodWorker(threading.Thread):
             "KUBEFORGE_DEVCLUSTER_HOSTS": str(self.agent.hosts_file),
             "KUBEFORGE_DEVCLUSTER_MOUNTS": json.dumps(mounts),
         })
-        if self.agent.native_dns is not None:
-            env["LD_PRELOAD"] = " ".join(filter(None, [str(self.agent.native_dns), spec_env.get("LD_PRELOAD")]))
+        env["KUBEFORGE_DEVCLUSTER_POD_IP"] = self.ip or ""
+        if self.agent.net_shim is not None:
+            env["LD_PRELOAD"] = " ".join(filter(None, [str(self.agent.net_shim), spec_env.get("LD_PRELOAD")]))
         return env
 
     def _hostname(self) -> str:
@@ -808,18 +809,20 @@ class PodWorker(threading.Thread):
                 self.done = False
 
 
-# ------------------------------------------------------------------------------------------------ native DNS
+# ------------------------------------------------------------------------------------------------ native shim
 
 
-def build_native_dns(out_dir: Path) -> Path | None:
-    """Compile the LD_PRELOAD getaddrinfo wrapper (shim/kfdns.c) for native code; None without a C compiler."""
-    src = SHIM_DIR / "kfdns.c"
-    so = out_dir / "libkfdns.so"
+def build_net_shim(out_dir: Path) -> Path | None:
+    """Compile the LD_PRELOAD pod-network shim (shim/kfnet.c: cluster DNS in getaddrinfo, per-pod wildcard and
+    localhost binds); None without a C compiler."""
+    src = SHIM_DIR / "kfnet.c"
+    so = out_dir / "libkfnet.so"
     if so.exists() and so.stat().st_mtime >= src.stat().st_mtime:
         return so
     cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
-        log.warning("no C compiler: cluster DNS works for Python code only (see docs/dev-cluster.md)")
+        log.warning("no C compiler: cluster DNS works for Python code only, and pods binding 0.0.0.0 share "
+                    "ports (see docs/dev-cluster.md)")
         return None
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = so.with_suffix(".tmp.so")
@@ -958,7 +961,7 @@ class NodeAgent:
         self.dns_dirty = threading.Event()
         self.last_heartbeat = 0.0
         self.boot_id = str(uuid.uuid4())
-        self.native_dns: Path | None = None
+        self.net_shim: Path | None = None
         self.proxy = ServiceProxy(self._backends)
         self.pods = Informer("pods", self.core.list_pod_for_all_namespaces, self._on_pod)
         self.services = Informer("services", self.core.list_service_for_all_namespaces, self._on_service)
@@ -1178,7 +1181,7 @@ class NodeAgent:
     def run(self, health_port: int) -> None:
         (self.state_dir / "pods").mkdir(parents=True, exist_ok=True)
         self.hosts_file.touch()
-        self.native_dns = build_native_dns(self.state_dir / "shim")
+        self.net_shim = build_net_shim(self.state_dir / "shim")
         self._kill_leftovers()
         self.register_nodes()
         self._serve_health(health_port)
