@@ -62,7 +62,7 @@ def test_device_decides_backend_strategy_and_precision() -> None:
     cpu = kdist.choose("ddp", "auto", cuda_available=False)
     assert (cpu.backend, cpu.strategy, cpu.precision) == ("gloo", "ddp", "fp32")
     cpu_fsdp = kdist.choose("fsdp", "auto", cuda_available=False)
-    assert cpu_fsdp.strategy == "ddp" and "gloo" in cpu_fsdp.note
+    assert (cpu_fsdp.backend, cpu_fsdp.strategy, cpu_fsdp.precision) == ("gloo", "fsdp", "fp32")
     gpu = kdist.choose("fsdp", "auto", cuda_available=True)
     assert (gpu.backend, gpu.strategy, gpu.precision) == ("nccl", "fsdp", "bf16")
     assert kdist.choose("ddp", "fp32", cuda_available=True).precision == "fp32"
@@ -237,9 +237,9 @@ def corpus_uri(s3_client: Any, bucket: str) -> str:
     return f"s3://{bucket}/data"
 
 
-def _job(corpus_uri: str, bucket: str, **training: Any) -> dict[str, Any]:
+def _job(corpus_uri: str, bucket: str, prefix: str = "ckpt", **training: Any) -> dict[str, Any]:
     return localrun.pretrain_job(
-        "tiny", corpus_uri, f"s3://{bucket}/ckpt",
+        "tiny", corpus_uri, f"s3://{bucket}/{prefix}",
         model={"config": tiny_llama_config(), "tokenizer": {"builtin": "byte"}},
         training={"totalSteps": 60, "seqLen": 64, "globalBatchSize": 8, "microBatchSize": 2, **training},
         optimizer={"lr": 3e-3, "warmupSteps": 5},
@@ -317,3 +317,29 @@ def test_invalid_specs_exit_78_with_reason(s3_env: dict[str, str], bucket: str, 
     empty = Run(tmp_path, "empty", job, s3_env, nproc=1)
     assert empty.wait() == contract.EXIT_INVALID_SPEC, empty.output()[-3000:]
     assert "no data objects" in empty.termination()["message"]
+
+
+def test_fsdp2_sharded_checkpoint_resume_and_export(s3_env: dict[str, str], bucket: str, corpus_uri: str,
+                                                    tmp_path: Path) -> None:
+    """The GPU strategy (FSDP2, fully_shard per block) runs over gloo too: sharded DCP checkpoint, resume
+    into a longer run, full-state export."""
+    job = _job(corpus_uri, bucket, prefix="fsdp", totalSteps=12)
+    job["spec"]["parallelism"] = {"strategy": "fsdp"}
+    first = Run(tmp_path, "fsdp1", job, s3_env)
+    assert first.wait() == 0, first.output()[-3000:]
+    assert "gloo, fsdp, fp32" in first.output()
+    losses = [p["loss"] for p in first.progress() if p["loss"] is not None]
+
+    job["spec"]["training"]["totalSteps"] = 16
+    second = Run(tmp_path, "fsdp2", job, s3_env)
+    assert second.wait() == 0, second.output()[-3000:]
+    p2 = second.progress()
+    assert p2[0]["step"] == 12 and p2[-1]["step"] == 16
+    assert p2[-1]["loss"] < losses[0]
+
+    from transformers import AutoModelForCausalLM
+
+    store = CheckpointStore(f"s3://{bucket}/fsdp", client=make_client(env=s3_env))
+    store.download_final(tmp_path / "final")
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"))
+    assert type(model).__name__ == "LlamaForCausalLM"

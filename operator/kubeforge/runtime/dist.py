@@ -30,21 +30,17 @@ class Choice:
 
 
 def choose(requested_strategy: str, requested_precision: str, cuda_available: bool) -> Choice:
-    """The device decides the backend; the spec decides strategy and precision where the device allows.
+    """The device decides the backend and the default precision; the spec decides the strategy.
 
-    FSDP2 needs reduce-scatter, which gloo does not implement, so on CPU `fsdp` runs as DDP (for the tiny
-    models CPU clusters train, replication costs nothing). `auto` precision is bf16 on GPU, fp32 on CPU.
+    GPU: NCCL, `auto` precision = bf16 (FSDP2 MixedPrecisionPolicy, or autocast under DDP).
+    CPU: gloo, `auto` precision = fp32. Both DDP and FSDP2 (`fully_shard`) run over gloo, so the sharded
+    path is exercised on CPU as well.
     """
     if cuda_available:
         precision = "bf16" if requested_precision == "auto" else requested_precision
         return Choice("cuda", "nccl", requested_strategy, precision)
     precision = "fp32" if requested_precision == "auto" else requested_precision
-    note = ""
-    strategy = requested_strategy
-    if strategy == "fsdp":
-        strategy = "ddp"
-        note = "fsdp needs reduce-scatter, which gloo lacks: running DDP on CPU"
-    return Choice("cpu", "gloo", strategy, precision, note)
+    return Choice("cpu", "gloo", requested_strategy, precision)
 
 
 @dataclass(frozen=True)
