@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from .common import QUANTITY_PATTERN, S3_URI_PATTERN, DNS_LABEL_PATTERN, ModelSource, PodTemplate, Resources
+from .common import DNS_LABEL_PATTERN, QUANTITY_PATTERN, S3_URI_PATTERN, ModelSource, PodTemplate, Resources
 from .kinds import (
     BUILTIN_CHECKS,
     ContextExtensionJobSpec,
