@@ -360,8 +360,10 @@ class PodWorker(threading.Thread):
             return None
         t = time.monotonic()
         deadlines: list[float] = []
-        if not self.volumes_ready or self.config_error:
-            deadlines.append(t + 2)
+        config_wait = any(c.state == "waiting" and c.reason == "CreateContainerConfigError"
+                          for c in self.inits + self.mains)
+        if not self.volumes_ready or self.config_error or config_wait:
+            deadlines.append(t + 2)  # a missing Secret/ConfigMap may appear: retry
         for c in self.inits + self.mains:
             if c.state == "running":
                 deadlines += [p.next_at for p in c.probes.values() if self._probe_active(c, p)]
