@@ -210,6 +210,9 @@ def test_missing_secret_keeps_pod_waiting(cluster: ClusterHandle, namespace: str
 
     p = wait_for(waiting, 30, what="CreateContainerConfigError")
     assert p.status.phase == "Pending"
+    # Once the Secret exists the container starts, like the kubelet retrying.
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "nope"}, "stringData": {"k": "v"}})
+    assert _wait_phase(core, namespace, "cfgerr", ("Succeeded", "Failed")).status.phase == "Succeeded"
 
 
 def test_env_volumes_and_downward_api(cluster: ClusterHandle, namespace: str) -> None:
