@@ -324,7 +324,9 @@ def test_owner_deletion_garbage_collects_children(cluster: ClusterHandle, namesp
 
 def test_gpu_requests_are_scheduled_against_node_allocatable(cluster: ClusterHandle, namespace: str) -> None:
     core = _core(cluster)
-    gpus = lambda n: {"resources": {"limits": {"nvidia.com/gpu": str(n)}}}
+    def gpus(n: int) -> dict[str, Any]:
+        return {"resources": {"limits": {"nvidia.com/gpu": str(n)}}}
+
     core.create_namespaced_pod(namespace, _pod("two-gpus", "print('ok')", container=gpus(2)))
     core.create_namespaced_pod(namespace, _pod("three-gpus", "print('never')", container=gpus(3)))
     assert _wait_phase(core, namespace, "two-gpus", ("Succeeded",)).spec.node_name

@@ -36,8 +36,8 @@ from typing import Any
 import yaml
 
 from . import assets
-from .nodeagent import proc_start_ticks
 from .pki import ensure_pki
+from .procs import proc_start_ticks
 
 # A loopback service range: every ClusterIP is an address this machine owns, so the node agent's userspace
 # proxy can listen on it (see proxy.py) — no kube-proxy, no iptables, no root-wide change.

@@ -41,6 +41,7 @@ from kubernetes.client.rest import ApiException
 
 from . import podenv
 from .podenv import ConfigError
+from .procs import kill_group, proc_start_ticks
 from .proxy import ServiceProxy, target_port
 
 log = logging.getLogger("kubeforge.devcluster.nodeagent")
@@ -65,25 +66,6 @@ def now() -> dt.datetime:
 
 def ts(t: dt.datetime | None) -> str | None:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ") if t else None
-
-
-def proc_start_ticks(pid: int) -> str | None:
-    """Start time of a process (field 22 of /proc/<pid>/stat): with the pid, an identity reuse cannot fake."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):  # exited, not yet reaped: not alive
-        return None
-    return fields[19]
-
-
-def kill_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 # ------------------------------------------------------------------------------------------------ informer
