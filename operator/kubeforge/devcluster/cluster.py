@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import hashlib
 import http.client
 import json
 import os
@@ -402,11 +403,15 @@ class DevCluster:
         if started_any or not self.state.get("bootstrapped"):
             self._bootstrap_api()
             self._bootstrap_s3()
-            self.install_crds()
             self.state["bootstrapped"] = True
+            self._save()
+        digest = self._crd_digest()
+        if started_any or digest != self.state.get("crds_digest"):  # (re)generated CRDs get installed
+            self.install_crds()
+            self.state["crds_digest"] = digest
+            self._save()
         for d in extra_crd_dirs or []:
             install_crd_files(self.api_client(), sorted(d.glob("*.yaml")) + sorted(d.glob("*.yml")))
-            self._save()
         if owner_pid is not None and self._alive("watchdog") is None:
             self._spawn(Component("watchdog", [
                 sys.executable, "-m", "kubeforge.devcluster.cluster", "watchdog", str(self.dir), str(owner_pid),
@@ -509,6 +514,13 @@ class DevCluster:
             if e.status != 409:
                 raise
             core.replace_namespaced_secret(S3_SECRET, "default", body)
+
+    def _crd_digest(self) -> str:
+        root = repo_root()
+        h = hashlib.sha256()
+        for f in sorted((root / "crds").glob("*.y*ml")) if root else []:
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+        return h.hexdigest()
 
     def install_crds(self, crd_dir: Path | None = None) -> list[str]:
         """Create-or-replace every CRD in crds/*.yaml with the Python client (see README of kueue-crds: the
