@@ -91,7 +91,7 @@ def test_children_names_and_kinds(obj, expected):
 
 @pytest.mark.parametrize("obj", [VLLM_PD, VLLM_AGG, REF_PD, REF_AGG_ROUTER], ids=["pd", "agg", "ref-pd", "agg-r"])
 def test_every_child_is_owned_and_labelled(obj):
-    for (kind, name), m in children(obj).items():
+    for (kind, _name), m in children(obj).items():
         meta = m["metadata"]
         assert meta["namespace"] == "ns1"
         assert meta["ownerReferences"] == [{
@@ -510,6 +510,12 @@ def test_desired_replicas_are_read_from_the_status_and_held_without_data():
     assert p.replicas["decode"] == 2
     p = plan(obj, signals={})  # routers answered, but know nothing of decode: hold
     assert p.replicas["decode"] == 2
+
+
+def test_lost_status_falls_back_to_the_deployment_size():
+    p = plan(REF_PD, deps=deployments(REF_PD, {"decode": 3}))
+    assert p.replicas["decode"] == 3 and p.status.pools["decode"].desired_replicas == 3
+    assert p.replicas["prefill"] == 1  # not autoscaled: the spec rules
 
 
 def test_scale_down_waits_for_the_stabilization_window():

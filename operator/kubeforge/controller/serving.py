@@ -587,8 +587,13 @@ def plan_serving(
         prev = old.pools.get(name)
         n = spec_replicas(spec, name)
         a = engine_pools(spec)[name].autoscaling if name != ROUTER else None
-        if a is not None and prev is not None:
-            n = max(a.min_replicas, min(a.max_replicas, prev.desired_replicas))  # the autoscaler's memory
+        if a is not None:
+            # the autoscaler's memory is the status; a status lost (restored object) falls back to the
+            # Deployment's size rather than to spec.replicas, so nothing is scaled down by accident
+            dep = observed.deployments.get(deployment_name(obj, name))
+            remembered = prev.desired_replicas if prev is not None else (dep or {}).get("spec", {}).get("replicas")
+            if remembered is not None:
+                n = max(a.min_replicas, min(a.max_replicas, remembered))
         pools[name] = PoolStatus(desired_replicas=n, last_scale_time=prev.last_scale_time if prev else None)
     status.pools = pools
     _autoscale(spec, status, observed, now, plan)
