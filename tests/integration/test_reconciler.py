@@ -1,0 +1,66 @@
+"""The reconciler against a real API server (no operator process): status the way kstatus tools read it."""
+
+from __future__ import annotations
+
+import pytest
+
+from builders import context_extension_job, pretrain_job, with_
+from kubeforge.controller.kube import RESOURCES, Kube
+from kubeforge.controller.reconciler import Reconciler
+from kubeforge.settings import OperatorSettings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def reconciler(cluster) -> Reconciler:
+    return Reconciler(Kube(cluster.api_client()), OperatorSettings())
+
+
+def conditions(obj: dict) -> dict[str, dict]:
+    return {c["type"]: c for c in obj["status"]["conditions"]}
+
+
+def test_invalid_spec_on_a_server_without_the_webhook_is_stalled_with_the_field_path(reconciler, namespace):
+    kube = reconciler.kube
+    obj = with_(pretrain_job("bad", namespace), "spec.training.globalBatchSize", 7)
+    kube.create(obj)
+    reconciler.reconcile("PretrainJob", namespace, "bad")
+    got = kube.get(RESOURCES["PretrainJob"], namespace, "bad")
+    conds = conditions(got)
+    assert conds["Stalled"]["status"] == "True" and conds["Stalled"]["reason"] == "InvalidSpec"
+    assert conds["Stalled"]["message"] == (
+        "spec.training.globalBatchSize: must be a multiple of microBatchSize x numNodes x processesPerNode (4)")
+    assert conds["Ready"]["status"] == "False" and conds["Reconciling"]["status"] == "False"
+    assert got["status"]["observedGeneration"] == got["metadata"]["generation"] == 1
+    assert kube.list(RESOURCES["Pod"], namespace) == []
+    events = [e for e in kube.list(RESOURCES["Event"], namespace) if e["involvedObject"]["name"] == "bad"]
+    assert [e["reason"] for e in events] == ["InvalidSpec"]
+
+    # fixed (and suspended, so nothing runs): no longer stalled, generation observed
+    kube.merge_patch(RESOURCES["PretrainJob"], namespace, "bad",
+                     {"spec": {"training": {"globalBatchSize": 8}, "runPolicy": {"suspend": True}}})
+    reconciler.reconcile("PretrainJob", namespace, "bad")
+    got = kube.get(RESOURCES["PretrainJob"], namespace, "bad")
+    conds = conditions(got)
+    assert got["status"]["observedGeneration"] == got["metadata"]["generation"] == 2
+    assert conds["Stalled"]["status"] == "False" and got["status"]["phase"] == "Suspended"
+    assert conds["Stalled"]["lastTransitionTime"] >= conds["Ready"]["lastTransitionTime"]
+
+    # reconciling again changes nothing: no status write, no new event
+    rv = got["metadata"]["resourceVersion"]
+    reconciler.reconcile("PretrainJob", namespace, "bad")
+    assert kube.get(RESOURCES["PretrainJob"], namespace, "bad")["metadata"]["resourceVersion"] == rv
+
+
+def test_kinds_without_a_controller_say_so_honestly(reconciler, namespace):
+    kube = reconciler.kube
+    obj = context_extension_job("extend")
+    obj["metadata"]["namespace"] = namespace
+    kube.create(obj)
+    reconciler.reconcile("ContextExtensionJob", namespace, "extend")
+    got = kube.get(RESOURCES["ContextExtensionJob"], namespace, "extend")
+    conds = conditions(got)
+    assert conds["Stalled"]["reason"] == "NotImplemented" and conds["Ready"]["status"] == "False"
+    assert "phase" not in got["status"] and got["status"]["observedGeneration"] == 1
+    assert kube.list(RESOURCES["Pod"], namespace) == []
