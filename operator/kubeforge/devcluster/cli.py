@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import assets
 from .cluster import DevCluster, default_state_dir
 
 
@@ -33,8 +34,10 @@ def _cmd_up(a: argparse.Namespace) -> int:
     except Exception as e:  # noqa: BLE001  any failure: one clear line and exit 1, logs name the component
         print(f"dev-cluster: up failed: {e}", file=sys.stderr)
         return 1
+    kubectl = assets.find_binaries().get("kubectl")
     print(f"dev-cluster: ready in {time.monotonic() - t0:.1f}s (state: {dc.dir}); "
-          f"pods' logs: kubeforge dev-cluster logs <ns>/<pod>", file=sys.stderr)
+          f"pods' logs: kubeforge dev-cluster logs <ns>/<pod>"
+          + (f"; a kubectl matching the server: {kubectl}" if kubectl else ""), file=sys.stderr)
     _print_exports(dc)
     return 0
 
