@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
-from .cluster import S3_SECRET, DevCluster, repo_root
+from .cluster import S3_SECRET, DevCluster, install_crd_files, repo_root
 
 T = TypeVar("T")
 
@@ -81,6 +81,13 @@ class ClusterHandle:
         cfg = client.Configuration()
         config.load_kube_config(config_file=str(self.kubeconfig), client_configuration=cfg)
         return client.ApiClient(cfg)
+
+    def install_crds(self, *paths: Path) -> list[str]:
+        """Create-or-replace the CRDs in these files/dirs (e.g. Kueue's) and wait until they are Established."""
+        files: list[Path] = []
+        for p in paths:
+            files += sorted(p.glob("*.y*ml")) if p.is_dir() else [p]
+        return install_crd_files(self.api_client(), files)
 
     @property
     def s3_env(self) -> dict[str, str]:
