@@ -618,3 +618,19 @@ def test_pods_bind_the_same_wildcard_port_and_share_localhost_within_a_pod(clust
 
     term = wait_for(client_done, 60, what="sidecar client finished")
     assert term.exit_code == 0, cluster.pod_log(namespace, "local", "client")
+
+
+def test_repo_crds_are_installed_and_established(cluster: ClusterHandle) -> None:
+    import yaml
+    from kubernetes import client
+
+    files = sorted((Path(__file__).resolve().parents[2] / "crds").glob("*.yaml"))
+    if not files:
+        pytest.skip("no CRDs generated yet")
+    names = [d["metadata"]["name"] for f in files for d in yaml.safe_load_all(f.read_text())
+             if d and d.get("kind") == "CustomResourceDefinition"]
+    assert cluster.install_crds(*files) == names  # create-or-replace is idempotent
+    ext = client.ApiextensionsV1Api(cluster.api_client())
+    for name in names:
+        conds = {c.type: c.status for c in ext.read_custom_resource_definition(name).status.conditions}
+        assert conds.get("Established") == "True", name
