@@ -439,10 +439,12 @@ def test_s3_bucket_and_secret(cluster: ClusterHandle, namespace: str) -> None:
 def test_start_process_helper(cluster: ClusterHandle, tmp_path: Path) -> None:
     """The generic process helper (used for the operator) runs argv with KUBECONFIG pointing here."""
     out = tmp_path / "out.txt"
-    code = f"import os, time; open({str(out)!r}, 'w').write(os.environ['KUBECONFIG']); time.sleep(60)"
+    code = (f"import json, os, time; json.dump([os.environ['KUBECONFIG'], 'AWS_SECRET_ACCESS_KEY' in os.environ], "
+            f"open({str(out)!r}, 'w')); time.sleep(60)")
     with cluster.start_process([sys.executable, "-c", code], name="probe-process"):
-        wait_for(out.exists, 20, what="process output")
-    assert out.read_text() == str(cluster.kubeconfig)
+        wait_for(lambda: out.exists() and out.read_text(), 20, what="process output")
+    # KUBECONFIG yes; S3 credentials no (the operator holds no data credentials) unless passed in env
+    assert json.loads(out.read_text()) == [str(cluster.kubeconfig), False]
 
 
 def test_native_resolver_reaches_torch_tcpstore_by_hostname(cluster: ClusterHandle, namespace: str) -> None:

@@ -47,6 +47,8 @@ SERVICE_IP = "127.100.0.1"  # the `kubernetes` Service's ClusterIP (first of the
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 BUCKET = "kubeforge"
 S3_SECRET = "kubeforge-s3"
+# Never inherited by the operator (DESIGN: the operator holds no data credentials); pass them explicitly.
+DATA_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "s3", "nodeagent", "operator")
 
 
@@ -85,6 +87,7 @@ class Component:
     env: dict[str, str] = field(default_factory=dict)
     health: Callable[[], bool] | None = None
     start_timeout: float = 60.0
+    drop_env: tuple[str, ...] = ()  # inherited variables the process must not see
 
 
 class DevCluster:
@@ -188,7 +191,7 @@ class DevCluster:
 
     def _spawn(self, comp: Component) -> None:
         self.log_path(comp.name).parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k not in comp.drop_env}
         env.update(comp.env)
         with open(self.log_path(comp.name), "ab") as logf:
             logf.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} start: "
@@ -420,11 +423,14 @@ class DevCluster:
         if with_operator and self._alive("operator") is None:
             argv = operator_argv or [sys.executable, "-m", "kubeforge", "operator"]
             _err("dev-cluster: starting operator")
-            self._spawn(Component("operator", argv, env=self._pkg_env() | self.env_exports(), health=None))
+            # KUBECONFIG only: the operator holds no data (S3) credentials.
+            self._spawn(Component("operator", argv, env=self._pkg_env(), health=None, drop_env=DATA_CREDENTIALS))
 
     def start_process(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
-        """Spawn an extra detached process against the cluster, tracked like a component (e.g. the operator)."""
-        self._spawn(Component(name, argv, env=self._pkg_env() | self.env_exports() | (env or {}), health=None))
+        """Spawn an extra detached process against the cluster, tracked like a component (e.g. the operator).
+        It gets KUBECONFIG; S3 credentials only when passed in `env` (the operator must not need them)."""
+        self._spawn(Component(name, argv, env=self._pkg_env() | (env or {}), health=None,
+                              drop_env=tuple(k for k in DATA_CREDENTIALS if k not in (env or {}))))
         return int(self.state["components"][name]["pid"])
 
     def stop_process(self, name: str, grace: float = 10.0) -> None:

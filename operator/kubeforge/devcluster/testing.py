@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
-from .cluster import S3_SECRET, DevCluster, install_crd_files, repo_root
+from .cluster import DATA_CREDENTIALS, S3_SECRET, DevCluster, install_crd_files, repo_root
 
 T = TypeVar("T")
 
@@ -111,14 +111,16 @@ class ClusterHandle:
     def start_process(self, argv: list[str] | None = None, name: str = "operator",
                       env: dict[str, str] | None = None) -> Process:
         """Run `argv` (default: `python -m kubeforge operator`) against this cluster, detached, logging to a
-        file. On the dev cluster it is tracked in the state dir, so `dev-cluster down` stops it too."""
+        file, with KUBECONFIG set (S3 credentials only if given in `env`: `env=cluster.s3_env`). On the dev
+        cluster it is tracked in the state dir, so `dev-cluster down` stops it too."""
         argv = argv or [sys.executable, "-m", "kubeforge", "operator"]
         if self.dev is not None:
             self.dev.start_process(name, argv, env)
             return Process(name, argv, self.dev.log_path(name), lambda g: self.dev.stop_process(name, g))  # type: ignore[union-attr]
         log_dir = Path(os.environ.get("KUBEFORGE_TEST_LOG_DIR", "/tmp"))
         log_path = log_dir / f"kubeforge-{name}-{os.getpid()}.log"
-        full_env = dict(os.environ) | {"KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"} | self.s3_env
+        full_env = {k: v for k, v in os.environ.items() if k not in DATA_CREDENTIALS}
+        full_env |= {"KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
         root = repo_root()
         if root is not None:
             full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root / "operator"), full_env.get("PYTHONPATH")]))
