@@ -141,7 +141,7 @@ class Engine:
         self.model.eval()
         cfg = self.model.config
         self.max_model_len = max_model_len or getattr(cfg, "max_position_embeddings", 2048)
-        self.sig = model_signature(cfg)
+        self.sig = {**model_signature(cfg), "dtype": str(self.model.dtype)}
         eos = cfg.eos_token_id if cfg.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.store = kv_store or KVStore()
