@@ -173,7 +173,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--micro", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--threads", type=int, default=1, help="threads of the single-process runs")
+    ap.add_argument("--procs", type=int, default=os.cpu_count() or 2, help="processes of the DDP run")
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-recovery", action="store_true")
     args = ap.parse_args()
@@ -192,21 +194,30 @@ def main() -> None:
             client.upload_file(str(corpus), "bench", "data/corpus.jsonl")
 
             job, cfg = make_job("bench", "a", args, args.steps, interval=10_000)
-            n = args.threads
+            n, t = args.procs, args.threads
             print(f"model: llama hidden={args.hidden} layers={args.layers}, seqLen={args.seq_len}, "
-                  f"globalBatch={args.batch} micro={args.micro}, {args.steps} steps, {n} cores")
+                  f"globalBatch={args.batch} micro={args.micro}, {args.steps} steps, {os.cpu_count()} cores")
             if not args.skip_throughput:
-                plain = plain_loop(cfg, corpus, args, args.steps, threads=n)
-                print(f"plain PyTorch loop, 1 process x {n} threads:        {plain:10.0f} tokens/s")
-                r1, w1 = run_runtime(tmp, "one", job, s3_env, nproc=1, threads=n)
-                print(f"kubeforge runtime, 1 process x {n} threads:         {r1:10.0f} tokens/s "
+                # configurations alternate and repeat, best of each kept: CI boxes are shared and noisy
+                runs: dict[str, list[tuple[float, float]]] = {"plain": [], "one": [], "ddp": []}
+                for i in range(args.repeat):
+                    runs["plain"].append((plain_loop(cfg, corpus, args, args.steps, threads=t), 0.0))
+                    job1, _ = make_job("bench", f"a{i}", args, args.steps, interval=10_000)
+                    runs["one"].append(run_runtime(tmp, f"one{i}", job1, s3_env, nproc=1, threads=t))
+                    job2, _ = make_job("bench", f"b{i}", args, args.steps, interval=10_000)
+                    runs["ddp"].append(run_runtime(tmp, f"ddp{i}", job2, s3_env, nproc=n, threads=1))
+                plain = max(r for r, _ in runs["plain"])
+                r1, w1 = max(runs["one"])
+                r2, w2 = max(runs["ddp"])
+                print(f"best of {args.repeat} (all: " + ", ".join(
+                    f"{k}={[round(r) for r, _ in v]}" for k, v in runs.items()) + ")")
+                print(f"plain PyTorch loop, 1 process x {t} thread(s):       {plain:10.0f} tokens/s")
+                print(f"kubeforge runtime, 1 process x {t} thread(s):        {r1:10.0f} tokens/s "
                       f"({r1 / plain:.0%} of plain; wall {w1:.1f}s incl. start-up and export)")
-                job2, _ = make_job("bench", "b", args, args.steps, interval=10_000)
-                r2, w2 = run_runtime(tmp, "ddp", job2, s3_env, nproc=n, threads=1)
                 print(f"kubeforge runtime, {n} processes x 1 thread (DDP):  {r2:10.0f} tokens/s "
                       f"({r2 / plain:.0%} of plain; wall {w2:.1f}s)")
 
-            if not args.skip_recovery:
+        if not args.skip_recovery:
                 job3, _ = make_job("bench", "c", args, 100_000, interval=10)
                 rec = recovery(tmp, job3, s3_env, nproc=n, interval=10)
                 print(f"worker SIGKILL -> training resumed at step {rec['resumed_at']:.0f}: {rec['total_s']:.2f}s "
