@@ -82,7 +82,7 @@ def run_case(name: str, direct: str, routed: str, args) -> None:
     asyncio.run(load(routed, body, 4, 2, 30))
     results = {}
     # Alternate halves so drift (thermal, caches) hits both sides alike.
-    for rnd in range(2):
+    for _ in range(2):
         for label, url in (("direct", direct), ("router", routed)):
             lat, wall = asyncio.run(
                 load(url, body, args.requests // 2, args.concurrency, args.max_seconds / 4)

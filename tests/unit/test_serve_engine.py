@@ -13,11 +13,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from kubeforge.runtime.serve import metrics as m
-from kubeforge.runtime.serve.engine import Engine, build_app
-from kubeforge.runtime.serve.kvcache import KVStore
-from kubeforge.runtime.serve.testing import ThreadServer, engine_proc
-from kubeforge.runtime.tinymodel import save_tiny_model
+from kubeforge.runtime.serve import metrics as m  # noqa: E402
+from kubeforge.runtime.serve.engine import Engine, build_app  # noqa: E402
+from kubeforge.runtime.serve.kvcache import KVStore  # noqa: E402
+from kubeforge.runtime.serve.testing import ThreadServer, engine_proc  # noqa: E402
+from kubeforge.runtime.tinymodel import save_tiny_model  # noqa: E402
 
 NAME = "tiny"
 PROMPT = "The quick brown fox jumps over"
@@ -345,3 +345,30 @@ def test_sigterm_drains_in_flight_then_exits(drain_engine):
         assert eng.proc.wait(15) == 0
     finally:
         eng.stop()
+
+
+def test_kv_store_bounds_ttl_and_wire_format():
+    from kubeforge.runtime.serve.kvcache import KVEntry, KVTransferError, deserialize, serialize
+
+    def entry(n=4):
+        layer = (torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8))
+        return KVEntry(list(range(n)), [layer, layer], torch.randn(16), {"m": 1})
+
+    store = KVStore(max_entries=2, max_bytes=1 << 20, ttl=60.0)
+    a, b, c = store.put(entry()), store.put(entry()), store.put(entry())
+    assert len(store) == 2 and store.pop(a) is None and store.evicted == 1  # oldest evicted
+    got = store.pop(b)
+    assert got is not None and store.pop(b) is None  # freed when fetched
+    store.sweep(now=time.monotonic() + 61)
+    assert len(store) == 0 and store.expired == 1 and store.nbytes == 0 and c
+    small = KVStore(max_entries=10, max_bytes=entry().nbytes * 2)
+    ids = [small.put(entry()) for _ in range(3)]
+    assert len(small) == 2 and small.pop(ids[0]) is None  # byte bound
+
+    e = entry(5)
+    back = deserialize(serialize(e))
+    assert back.prompt_ids == e.prompt_ids and back.model_sig == e.model_sig
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(back.layers, e.layers))
+    assert torch.equal(back.last_logits, e.last_logits)
+    with pytest.raises(KVTransferError):
+        deserialize(b"\x10\x00\x00\x00\x00\x00\x00\x00not a safetensors header")

@@ -85,7 +85,7 @@ def build_app(name: str = "echo", delay: float = 0.0, port: int = 0, host: str =
 
         async def sse():
             try:
-                for i in range(n):
+                for _ in range(n):
                     if delay:
                         await asyncio.sleep(delay)
                     d = (

@@ -96,9 +96,18 @@ def serialize(entry: KVEntry) -> bytes:
         "last_logits": entry.last_logits.contiguous(),
         "prompt_ids": torch.tensor(entry.prompt_ids, dtype=torch.int64),
     }
+    seen: set[int] = set()
+
+    def own(t: torch.Tensor) -> torch.Tensor:  # safetensors refuses tensors sharing memory (shared-KV layers)
+        t = t.contiguous()
+        if t.untyped_storage().data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        return t
+
     for i, (k, v) in enumerate(entry.layers):
-        tensors[f"k.{i}"] = k.contiguous()
-        tensors[f"v.{i}"] = v.contiguous()
+        tensors[f"k.{i}"] = own(k)
+        tensors[f"v.{i}"] = own(v)
     meta = {"format": FORMAT, "num_layers": str(len(entry.layers)), "model_sig": json.dumps(entry.model_sig)}
     return save(tensors, metadata=meta)
 
