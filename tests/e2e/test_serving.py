@@ -285,5 +285,42 @@ def _scenario(cluster: ClusterHandle, namespace: str, jobs: Jobs, local: Path) -
     assert gens == {"tiny-prefill": 1, "tiny-router": 1, "tiny-decode": 3}, gens  # +replicas, +template
 
 
+def test_aggregated_serves_straight_from_the_pool_then_behind_a_router(
+        cluster: ClusterHandle, namespace: str, jobs: Jobs, model: tuple[str, Path]) -> None:
+    uri, local = model
+    obj = {"apiVersion": "kubeforge.dev/v1alpha1", "kind": KIND, "metadata": {"name": NAME}, "spec": {
+        "model": {"uri": uri, "secretRef": {"name": "kubeforge-s3"}}, "engine": "reference",
+        "mode": "aggregated", "pool": {"replicas": 1, "extraArgs": ["--threads", "1"]}}}
+    argv = [sys.executable, "-m", "kubeforge", "operator", "-n", namespace]
+    with cluster.operator(argv, {"KUBEFORGE_RESYNC_SECONDS": "2"}) as op:
+        jobs.create(obj)
+        try:
+            st = wait_ready(jobs, 120, "the aggregated InferenceDeployment to be Ready")
+            assert st["readyPools"] == "1/1" and set(st["pools"]) == {"aggregated"}
+            deps = {d["metadata"]["name"] for d in jobs.kube.list(RESOURCES["Deployment"], namespace,
+                                                                  f"kubeforge.dev/job-name={NAME}")}
+            assert deps == {NAME}  # no router hop
+            svc = jobs.kube.get(RESOURCES["Service"], namespace, NAME)
+            assert svc["spec"]["selector"]["kubeforge.dev/role"] == "aggregated"
+            (engine,) = ready_pods(jobs, "aggregated")
+            prompt = "Hello there"
+            want = reference_text(local, prompt, 16)
+            got = complete(f"http://{engine['status']['podIP']}:8000", prompt, 16)
+            assert got["ok"] and got["text"] == want, got
+
+            # switching the router on puts it in front: the Service follows once it is there
+            jobs.patch_spec(KIND, NAME, {"router": {"enabled": True}})
+            wait(lambda: jobs.status(KIND, NAME).get("pools", {}).get("router", {}).get("readyReplicas") == 1,
+                 90, "the router")
+            wait(lambda: jobs.kube.get(RESOURCES["Service"], namespace, NAME)["spec"]["selector"].get(
+                "kubeforge.dev/role") == "router", 30, "the Service to select the router")
+            wait_ready(jobs, 30, "Ready behind the router")
+            got = complete(router_url(jobs), prompt, 16)
+            assert got["ok"] and got["text"] == want, got
+        except BaseException:
+            print("operator log:\n", op.log()[-6000:])
+            raise
+
+
 def obj_decode(jobs: Jobs) -> dict[str, Any]:
     return dict(jobs.get(KIND, NAME)["spec"]["decode"])

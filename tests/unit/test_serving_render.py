@@ -405,6 +405,18 @@ def test_ready_only_when_a_request_can_be_served(ready_roles, ready):
     assert st.ready_pools == f"{len({'prefill', 'decode'} & set(ready_roles))}/2"
 
 
+def test_aggregated_router_switched_on_serves_from_the_pool_until_the_router_is_ready():
+    pool_only = [pod(REF_AGG_ROUTER, "aggregated", 0), pod(REF_AGG_ROUTER, "router", 0, ready=False)]
+    p = plan(REF_AGG_ROUTER, pool_only)
+    assert not p.service_to_router and cond(p.status, "Ready").status == "True"
+    svc = sv.desired_children(REF_AGG_ROUTER, parse_spec(REF_AGG_ROUTER), URI, SETTINGS, p.replicas,
+                              p.service_to_router)[-1]
+    assert svc["spec"]["selector"][contract.LABEL_ROLE] == "aggregated"
+    p = plan(REF_AGG_ROUTER, [pod(REF_AGG_ROUTER, "aggregated", 0), pod(REF_AGG_ROUTER, "router", 0)])
+    assert p.service_to_router and cond(p.status, "Ready").status == "True"
+    assert plan(REF_PD).service_to_router  # disaggregated: always the router
+
+
 def test_terminating_pods_do_not_count():
     pods = [pod(REF_PD, "prefill", 0), pod(REF_PD, "decode", 0, deleting=True), pod(REF_PD, "router", 0)]
     st = plan(REF_PD, pods).status

@@ -312,9 +312,15 @@ def _deployment(obj: dict[str, Any], name: str, pool: str, pod_spec: dict[str, A
     }
 
 
-def service(obj: dict[str, Any], spec: InferenceDeploymentSpec) -> dict[str, Any]:
-    """The endpoint clients use; targetPort == port (also what the dev cluster's DNS-only Services need)."""
-    target = ROUTER if router_enabled(spec) else AGGREGATED
+def service(obj: dict[str, Any], spec: InferenceDeploymentSpec, to_router: bool | None = None) -> dict[str, Any]:
+    """The endpoint clients use; targetPort == port (also what the dev cluster's DNS-only Services need).
+
+    It selects the router pods when there is a router (`to_router`, default: whenever one is enabled); an
+    aggregated pool whose router is switched on keeps the Service on the pool until a router pod is ready,
+    so the endpoint never points at nothing.
+    """
+    to_router = router_enabled(spec) if to_router is None else to_router
+    target = ROUTER if to_router else AGGREGATED
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -350,9 +356,10 @@ def router_rbac(obj: dict[str, Any]) -> list[dict[str, Any]]:
 
 def desired_children(
     obj: dict[str, Any], spec: InferenceDeploymentSpec, resolved_uri: str, settings: OperatorSettings,
-    replicas: Mapping[str, int] | None = None,
+    replicas: Mapping[str, int] | None = None, service_to_router: bool | None = None,
 ) -> list[dict[str, Any]]:
-    """Every child of the InferenceDeployment; `replicas` per pool overrides the spec (the autoscaler)."""
+    """Every child of the InferenceDeployment; `replicas` per pool overrides the spec (the autoscaler),
+    `service_to_router` where the Service points (see `service`)."""
     replicas = replicas or {}
     out: list[dict[str, Any]] = []
     if router_enabled(spec):
@@ -362,7 +369,7 @@ def desired_children(
         out.append(engine_deployment(obj, spec, name, pool, resolved_uri, settings, n))
     if router_enabled(spec):
         out.append(router_deployment(obj, spec, settings, replicas.get(ROUTER, spec_replicas(spec, ROUTER))))
-    out.append(service(obj, spec))
+    out.append(service(obj, spec, service_to_router))
     return out
 
 
@@ -460,6 +467,7 @@ class ServingObserved:
 class ServingPlan:
     status: ServingStatus
     replicas: dict[str, int] = field(default_factory=dict)
+    service_to_router: bool = False
     events: list[Event] = field(default_factory=list)
     recommendations: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
     requeue_after: float | None = None
@@ -619,8 +627,10 @@ def plan_serving(
     engines = list(engine_pools(spec))
     ready_engines = [n for n in engines if pools[n].ready_replicas > 0]
     status.ready_pools = f"{len(ready_engines)}/{len(engines)}"
-    router_ok = not router_enabled(spec) or pools[ROUTER].ready_replicas > 0
-    servable = len(ready_engines) == len(engines) and router_ok
+    # disaggregated: clients always go through the router; aggregated: through it once it is up
+    router_up = router_enabled(spec) and pools[ROUTER].ready_replicas > 0
+    plan.service_to_router = spec.mode == "disaggregated" or router_up
+    servable = len(ready_engines) == len(engines) and (router_up or not plan.service_to_router)
     counts = ", ".join(f"{n} {p.ready_replicas}/{p.desired_replicas}" for n, p in pools.items())
     detail = f"; {'; '.join(problems)}" if problems else ""
     if any(pool.autoscaling for pool in engine_pools(spec).values()):
@@ -716,7 +726,7 @@ def reconcile_serving(reconciler: Any, obj: dict[str, Any]) -> float | None:
             observed.signals = read_signals(router_urls(observed.pods, spec.port), spec)
     plan = plan_serving(obj, spec, observed, now)
     if source.uri and not source.waiting and not source.failed:
-        children = desired_children(obj, spec, source.uri, settings, plan.replicas)
+        children = desired_children(obj, spec, source.uri, settings, plan.replicas, plan.service_to_router)
         _apply(reconciler, obj, children, observed.deployments)
     with _MEMORY.lock:
         _MEMORY.recommendations[uid] = plan.recommendations
