@@ -112,16 +112,16 @@ def _follow_job(kube: Any, kind: str, name: str, timeout: float = 900) -> dict[s
     raise SystemExit(f"{kind} {name} did not finish in {timeout}s")
 
 
-def _router_address(kube: Any, service: str) -> str | None:
-    """An address of the Service reachable from this machine (dev cluster pods listen on 127.0.x.y)."""
-    from kubeforge.controller.kube import Resource
+def _service_address(kube: Any, service: str) -> str | None:
+    """The Service's ClusterIP and port; the dev cluster's node agent proxies it on this machine."""
+    from kubeforge.controller.kube import RESOURCES
 
-    ep = kube.get(Resource("", "v1", "endpoints"), NAMESPACE, service) or {}
-    for subset in ep.get("subsets") or []:
-        for addr in subset.get("addresses") or []:
-            for port in subset.get("ports") or []:
-                return f"http://{addr['ip']}:{port['port']}"
-    return None
+    svc = kube.get(RESOURCES["Service"], NAMESPACE, service) or {}
+    ip = (svc.get("spec") or {}).get("clusterIP")
+    ports = (svc.get("spec") or {}).get("ports") or []
+    if not ip or ip == "None" or not ports:
+        return None
+    return f"http://{ip}:{ports[0]['port']}"
 
 
 def _serve(cluster: Any, kube: Any) -> None:
@@ -152,9 +152,9 @@ def _serve(cluster: Any, kube: Any) -> None:
     import httpx
 
     service = (st.get("endpoint") or "").split("//", 1)[-1].split(".", 1)[0]
-    base = _router_address(kube, service)
+    base = _service_address(kube, service)
     if base is None:
-        raise SystemExit(f"no ready endpoint behind Service {service}")
+        raise SystemExit(f"Service {service} has no cluster IP")
     served = obj["spec"].get("servedModelName") or name
     body = {"model": served, "prompt": "The model ", "max_tokens": 24, "temperature": 0}
     resp = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
