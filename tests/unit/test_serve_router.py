@@ -615,3 +615,15 @@ def test_router_sigterm_drains(echoes):
         assert rt.proc.wait(10) == 0
     finally:
         rt.stop()
+
+
+def test_prompt_length_estimate(model_dir):
+    rough = Router(StaticDiscovery({}), RouterConfig())
+    assert rough.estimate_tokens("/completions", {"prompt": "x" * 40}) == 10  # chars / 4
+    assert rough.estimate_tokens("/completions", {"prompt": [1, 2, 3]}) == 3  # token ids
+    chat = {"messages": [{"role": "user", "content": [{"type": "text", "text": "y" * 20}]}]}
+    assert rough.estimate_tokens("/chat/completions", chat) == 5
+    exact = Router(StaticDiscovery({}), RouterConfig(tokenizer=model_dir))
+    assert exact.estimate_tokens("/completions", {"prompt": "hello"}) == 5  # byte tokenizer
+    n = exact.estimate_tokens("/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+    assert n == len("<|bos|>user\nhi<|eos|><|bos|>assistant\n") - 4 * len("<|bos|>") + 4  # 4 special tokens

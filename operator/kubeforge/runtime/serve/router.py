@@ -323,13 +323,11 @@ class Router:
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.cfg.tokenizer)
         tok = self._tokenizer
-        if api == "/chat/completions":
-            ids = tok.apply_chat_template(
-                body.get("messages") or [], add_generation_prompt=True, tokenize=True
+        if api == "/chat/completions":  # the engine's own way: render the template, then encode
+            text = tok.apply_chat_template(
+                body.get("messages") or [], add_generation_prompt=True, tokenize=False
             )
-            if isinstance(ids, dict):
-                ids = ids["input_ids"]
-            return len(ids)
+            return len(tok.encode(text, add_special_tokens=False))
         p = body.get("prompt", "")
         if isinstance(p, list) and p and all(isinstance(x, int) for x in p):
             return len(p)
