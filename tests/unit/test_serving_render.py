@@ -231,6 +231,8 @@ def test_vllm_probes_and_shm():
     assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
     assert c["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", str(vllm.PRESTOP_SLEEP_S)]}}}
     assert spec["terminationGracePeriodSeconds"] > vllm.PRESTOP_SLEEP_S + vllm.SHUTDOWN_TIMEOUT_S
+    deadline = children(VLLM_PD)[("Deployment", "llm-decode")]["spec"]["progressDeadlineSeconds"]
+    assert deadline > vllm.STARTUP_PERIOD_S * vllm.STARTUP_FAILURES
 
 
 def test_vllm_image_default_and_override():
@@ -624,6 +626,7 @@ def test_deployment_patch_template_change_rolls():
     patch = sv.deployment_patch(_stored(d), want)
     assert patch["metadata"]["annotations"][sv.HASH_ANNOTATION] == want["metadata"]["annotations"][sv.HASH_ANNOTATION]
     assert patch["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    assert patch["spec"]["progressDeadlineSeconds"] == 600
     env = patch["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "X", "value": "1"} in env
     assert "replicas" not in patch["spec"]

@@ -6,7 +6,8 @@ Children (deterministic names, kubeforge labels, owned by the InferenceDeploymen
   Deployment <name>       (pool)       Deployment <name>-prefill, <name>-decode
   Deployment <name>-router (if         Deployment <name>-router
              router.enabled)
-  Service    <name>  -> router pods when there is a router, else straight to the pool (no extra hop)
+  Service    <name>  -> router pods when there is a router, else straight to the pool (no extra hop);
+                        an aggregated pool's router takes the Service over once a router pod is ready
   ServiceAccount/Role/RoleBinding <name>-router: list/watch pods in the namespace (router discovery)
 
 Why Deployments (not StatefulSets, not bare pods): an engine replica is stateless. It fetches the model from
@@ -251,7 +252,9 @@ def engine_deployment(
         "automountServiceAccountToken": False,  # engines never talk to the API server
         **placement(pool),
     }
-    return _deployment(obj, deployment_name(obj, pool_name), pool_name, pod_spec, replicas)
+    # a big model may load for as long as the startup probe allows; the rollout deadline leaves room for it
+    deadline = vllm.STARTUP_PERIOD_S * vllm.STARTUP_FAILURES + 600 if spec.engine == "vllm" else 600
+    return _deployment(obj, deployment_name(obj, pool_name), pool_name, pod_spec, replicas, deadline)
 
 
 def router_deployment(
@@ -293,23 +296,24 @@ def router_deployment(
     return _deployment(obj, deployment_name(obj, ROUTER), ROUTER, pod_spec, replicas)
 
 
-def _deployment(obj: dict[str, Any], name: str, pool: str, pod_spec: dict[str, Any], replicas: int) -> dict[str, Any]:
-    template = {"metadata": {"labels": job_labels(obj, pool)}, "spec": pod_spec}
-    meta = metadata(obj, name, pool)
-    meta["annotations"] = {HASH_ANNOTATION: template_hash(template)}
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": meta,
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": pod_selector_labels(obj, pool)},
-            # a new pod is Ready before an old one is stopped: the endpoint never drops during a rollout
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-            "revisionHistoryLimit": 3,
-            "template": template,
-        },
+# Deployment spec fields kubeforge owns besides replicas; their hash (with the template's) gates updates.
+ROLLOUT_FIELDS = ("strategy", "progressDeadlineSeconds", "revisionHistoryLimit", "template")
+
+
+def _deployment(obj: dict[str, Any], name: str, pool: str, pod_spec: dict[str, Any], replicas: int,
+                progress_deadline_s: int = 600) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "replicas": replicas,
+        "selector": {"matchLabels": pod_selector_labels(obj, pool)},
+        # a new pod is Ready before an old one is stopped: the endpoint never drops during a rollout
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "progressDeadlineSeconds": progress_deadline_s,
+        "revisionHistoryLimit": 3,
+        "template": {"metadata": {"labels": job_labels(obj, pool)}, "spec": pod_spec},
     }
+    meta = metadata(obj, name, pool)
+    meta["annotations"] = {HASH_ANNOTATION: template_hash({k: spec[k] for k in ROLLOUT_FIELDS})}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": spec}
 
 
 def service(obj: dict[str, Any], spec: InferenceDeploymentSpec, to_router: bool | None = None) -> dict[str, Any]:
@@ -380,7 +384,7 @@ def desired_children(
 def deployment_patch(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any] | None:
     """The merge patch bringing an existing Deployment to the desired one, or None.
 
-    The pod template is compared by the hash annotation only (the API server fills in defaults, so a field
+    The pod template (and the rollout settings) are compared by the hash annotation only (the API server fills in defaults, so a field
     by field comparison would patch forever); when it differs, the patch turns the stored template into
     the desired one exactly (fields we dropped are removed). Replicas are compared as they are.
     """
@@ -389,7 +393,7 @@ def deployment_patch(current: dict[str, Any], desired: dict[str, Any]) -> dict[s
     have = (current["metadata"].get("annotations") or {}).get(HASH_ANNOTATION)
     if want != have:
         patch["metadata"] = {"annotations": {HASH_ANNOTATION: want}}
-        spec_patch: dict[str, Any] = {"strategy": desired["spec"]["strategy"]}
+        spec_patch: dict[str, Any] = {k: desired["spec"][k] for k in ROLLOUT_FIELDS if k != "template"}
         tpl = merge_patch_diff(current["spec"].get("template") or {}, desired["spec"]["template"])
         if tpl is not None:
             spec_patch["template"] = tpl
