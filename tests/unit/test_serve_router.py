@@ -294,6 +294,11 @@ def test_router_metrics_feed_autoscaler(engines, routers):
     assert sig["decode"].itl_recent is not None
     assert sig["prefill"].prefill_recent is not None and sig["prefill"].prefill_recent > 0
     assert sig["decode"].in_flight == 0 and sig["decode"].requests_total >= 1
+    from kubeforge.runtime.serve.autoscale import read_router_signals
+
+    both = read_router_signals([pd.url, pd.url, dead_url()])  # two scrapes of one router, one router gone
+    assert both["decode"].requests_total == 2 * sig["decode"].requests_total
+    assert both["prefill"].replicas == 1
     text = httpx.get(pd.url + "/metrics").text
     assert f'{m.R_TTFT}_count{{pool="prefill"}}' in text and f'{m.R_ITL}_count{{pool="decode"}}' in text
 

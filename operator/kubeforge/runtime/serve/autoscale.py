@@ -101,6 +101,23 @@ def merge_signals(per_router: Iterable[Mapping[str, PoolSignal]]) -> dict[str, P
     }
 
 
+def read_router_signals(urls: Iterable[str], timeout: float = 2.0) -> dict[str, PoolSignal]:
+    """GET `<url>/metrics` of every router replica and merge them (unreachable ones are skipped).
+
+    The one impure helper here: the operator calls it with its router pods' base URLs."""
+    import httpx
+
+    got = []
+    for url in urls:
+        try:
+            r = httpx.get(url.rstrip("/") + "/metrics", timeout=timeout)
+            if r.status_code == 200:
+                got.append(parse_router_metrics(r.text))
+        except httpx.HTTPError:
+            continue
+    return merge_signals(got)
+
+
 def pool_metric_value(signal: PoolSignal, metric: str, current: int | None = None) -> float | None:
     """The value compared with the target: a per-replica average for load metrics, seconds for latency.
 
