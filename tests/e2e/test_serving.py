@@ -322,5 +322,24 @@ def test_aggregated_serves_straight_from_the_pool_then_behind_a_router(
             raise
 
 
+def test_wrong_model_uri_stalls_with_the_fetch_error(cluster: ClusterHandle, namespace: str, jobs: Jobs) -> None:
+    missing = f"s3://kubeforge/models/{namespace}-missing"
+    obj = {"apiVersion": "kubeforge.dev/v1alpha1", "kind": KIND, "metadata": {"name": NAME}, "spec": {
+        "model": {"uri": missing, "secretRef": {"name": "kubeforge-s3"}}, "engine": "reference",
+        "mode": "aggregated", "pool": {"replicas": 1}}}
+    argv = [sys.executable, "-m", "kubeforge", "operator", "-n", namespace]
+    with cluster.operator(argv, {"KUBEFORGE_RESYNC_SECONDS": "2"}):
+        jobs.create(obj)
+
+        def stalled() -> dict[str, Any] | None:
+            st = jobs.status(KIND, NAME)
+            return st if conditions(st).get("Stalled", {}).get("status") == "True" else None
+
+        st = wait(stalled, 120, "Stalled")
+    conds = conditions(st)
+    assert conds["Ready"]["status"] == "False" and conds["Stalled"]["reason"] == "PodsFailing"
+    assert f"model fetch failed: no objects under {missing}" in st["message"], st["message"]
+
+
 def obj_decode(jobs: Jobs) -> dict[str, Any]:
     return dict(jobs.get(KIND, NAME)["spec"]["decode"])

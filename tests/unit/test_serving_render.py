@@ -477,6 +477,28 @@ def test_pod_problems_are_shown():
     assert "init container fetch-model CrashLoopBackOff: model fetch failed: no objects under s3://x" in st.message
 
 
+def _failing(restarts: int, **state: Any) -> list[dict[str, Any]]:
+    return [{"name": "fetch-model", "restartCount": restarts, "state": state}]
+
+
+@pytest.mark.parametrize(("init_statuses", "stalled"), [
+    (_failing(3, terminated={"exitCode": 1, "message": "model fetch failed: no objects under s3://x"}), True),
+    (_failing(5, waiting={"reason": "CrashLoopBackOff"}), True),
+    (_failing(1, terminated={"exitCode": 1}), False),  # may still be a transient S3 outage
+    (_failing(0, waiting={"reason": "CreateContainerConfigError", "message": 'secret "s3" not found'}), True),
+    (_failing(0, running={}), False),
+])
+def test_stalled_when_a_pool_cannot_come_up_without_a_change(init_statuses, stalled):
+    bad = pod(REF_PD, "decode", 0, ready=False, initContainerStatuses=init_statuses)
+    st = plan(REF_PD, [pod(REF_PD, "prefill", 0), bad, pod(REF_PD, "router", 0)]).status
+    assert cond(st, "Stalled").status == ("True" if stalled else "False")
+    assert cond(st, "Ready").status == "False" and st.phase == "Progressing"
+    # a second decode pod that is fine means the pool is not stuck
+    ok = pod(REF_PD, "decode", 1, ready=False)
+    st = plan(REF_PD, [pod(REF_PD, "prefill", 0), bad, ok, pod(REF_PD, "router", 0)]).status
+    assert cond(st, "Stalled").status == "False"
+
+
 @pytest.mark.parametrize(("source", "phase", "reconciling", "stalled", "event"), [
     (Source(waiting="waiting for PretrainJob base to succeed (model.from; now Running)"), "WaitingForModel",
      "True", "False", ("Normal", "WaitingForModel")),

@@ -504,6 +504,26 @@ def pod_problem(pod: dict[str, Any]) -> str | None:
     return None
 
 
+STUCK_WAITING = frozenset({"CreateContainerConfigError", "CreateContainerError", "InvalidImageName",
+                           "ImagePullBackOff", "ErrImageNeverPull"})
+CRASH_LOOP_RESTARTS = 3
+
+
+def pod_stuck(pod: dict[str, Any]) -> bool:
+    """Whether a pod will not come up without someone changing something: a container that cannot be
+    created (missing Secret, bad image) or one that keeps failing (a model fetch from a wrong URI)."""
+    status = pod.get("status") or {}
+    for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+        state = cs.get("state") or {}
+        waiting, term = state.get("waiting") or {}, state.get("terminated") or {}
+        if waiting.get("reason") in STUCK_WAITING:
+            return True
+        failing = waiting.get("reason") == "CrashLoopBackOff" or (term and term.get("exitCode", 0) != 0)
+        if failing and cs.get("restartCount", 0) >= CRASH_LOOP_RESTARTS:
+            return True
+    return False
+
+
 def _rolled_out(dep: dict[str, Any] | None, desired: int) -> bool:
     if dep is None:
         return False
@@ -649,6 +669,14 @@ def plan_serving(
         (c := find(old.conditions, READY)) is not None and c.status == "True")
     missing = [n for n in pools if pools[n].ready_replicas == 0]
     message = f"no ready pod in {', '.join(missing)} ({counts}){detail}"
+    # kstatus Stalled: a pool with no ready pod whose pods all fail in a way retrying does not fix
+    stalled = any(
+        (live := [p for p in by_role.get(n, []) if not podutil.deleting(p)]) and all(map(pod_stuck, live))
+        for n in missing
+    )
+    phase = "Degraded" if was_serving else "Progressing"
+    if stalled:
+        return finish(phase, False, True, True, "PodsFailing", message)
     if was_serving:
         return finish("Degraded", False, True, False, "Degraded", message)
     return finish("Progressing", False, True, False, "Progressing", f"starting: {counts} ready{detail}")
@@ -747,6 +775,7 @@ __all__ = [
     "desired_children",
     "plan_serving",
     "pod_problem",
+    "pod_stuck",
     "read_signals",
     "reconcile_serving",
     "router_urls",
