@@ -13,6 +13,10 @@ KVTransferConfig fields used: `kv_connector`, `kv_role` (kv_producer | kv_consum
 (every instance runs `kv_both`; the proxy's kv_transfer_params decide who prefills); the push-style
 connectors (P2pNccl, LMCache, Mooncake) take kv_producer on prefill and kv_consumer on decode.
 
+kubeforge's router drives the pull flow NixlConnector uses (the prefill response's kv_transfer_params go
+to the decode request); P2pNccl, LMCache and Mooncake additionally need their own proxy or store settings
+(env and extraArgs), which kubeforge does not render.
+
 NIXL's handshake runs over a side channel: `VLLM_NIXL_SIDE_CHANNEL_HOST` must be an address the peer
 engines can reach (the pod IP, from the downward API) and `VLLM_NIXL_SIDE_CHANNEL_PORT` a port free in the
 pod; the prefill engine hands both to the decode engine inside kv_transfer_params.
