@@ -705,19 +705,9 @@ def router_urls(pods: list[dict[str, Any]], port: int) -> list[str]:
 def read_signals(urls: list[str], spec: InferenceDeploymentSpec,
                  timeout: float = SCRAPE_TIMEOUT_S) -> dict[str, asc.PoolSignal] | None:
     """Per kubeforge pool, the routers' merged view; None when no router answered (hold the pools)."""
-    import httpx
-
-    got = []
-    for url in urls:
-        try:
-            r = httpx.get(url + "/metrics", timeout=httpx.Timeout(timeout, connect=timeout))
-            if r.status_code == 200:
-                got.append(asc.parse_router_metrics(r.text))
-        except (httpx.HTTPError, ValueError) as e:
-            log.debug("router metrics from %s unavailable: %s", url, e)
-    if not got:
+    merged = asc.read_router_signals(urls, timeout=timeout) if urls else {}
+    if not merged:
         return None
-    merged = asc.merge_signals(got)
     return {name: merged[ROUTER_POOL[name]] for name in engine_pools(spec) if ROUTER_POOL[name] in merged}
 
 
