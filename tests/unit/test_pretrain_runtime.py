@@ -185,13 +185,15 @@ def test_stream_rejects_empty_data(s3_client: Any, bucket: str) -> None:
 class Run:
     """One pod's worth of runtime: the launcher as a subprocess with its own progress/termination files."""
 
-    def __init__(self, tmp: Path, tag: str, job: dict[str, Any], s3_env: dict[str, str], nproc: int = 2) -> None:
+    def __init__(self, tmp: Path, tag: str, job: dict[str, Any], s3_env: dict[str, str], nproc: int = 2,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.dir = tmp / tag
         self.dir.mkdir(parents=True)
         spec = localrun.write_job(job, self.dir / "job.json")
         self.progress_file = self.dir / "progress.jsonl"
         self.term = self.dir / "termination-log"
         env = localrun.runtime_env(s3_env, spec, tmp / "work", self.progress_file, self.term)
+        env.update(extra_env or {})
         self.log = (self.dir / "out.log").open("w")
         self.proc = subprocess.Popen(localrun.launch_argv(nproc, localrun.free_port()), env=env, cwd=ROOT,
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -225,6 +227,10 @@ class Run:
     def output(self) -> str:
         self.log.flush()
         return (self.dir / "out.log").read_text()
+
+
+def store_steps(s3_env: dict[str, str], bucket: str, prefix: str) -> list[Any]:
+    return CheckpointStore(f"s3://{bucket}/{prefix}", client=make_client(env=s3_env)).committed_checkpoints()
 
 
 def _ckpt_step(p: dict[str, Any]) -> int:
@@ -321,21 +327,23 @@ def test_invalid_specs_exit_78_with_reason(s3_env: dict[str, str], bucket: str, 
 
 def test_fsdp2_sharded_checkpoint_resume_and_export(s3_env: dict[str, str], bucket: str, corpus_uri: str,
                                                     tmp_path: Path) -> None:
-    """The GPU strategy (FSDP2, fully_shard per block) runs over gloo too: sharded DCP checkpoint, resume
-    into a longer run, full-state export."""
+    """The GPU path on CPU: FSDP2 (fully_shard per block) and dcp.async_save on its own gloo group, with the
+    upload overlapping training; sharded checkpoint, resume into a longer run, full-state export."""
     job = _job(corpus_uri, bucket, prefix="fsdp", totalSteps=12)
     job["spec"]["parallelism"] = {"strategy": "fsdp"}
-    first = Run(tmp_path, "fsdp1", job, s3_env)
+    async_env = {"KUBEFORGE_ASYNC_CHECKPOINT": "1"}
+    first = Run(tmp_path, "fsdp1", job, s3_env, extra_env=async_env)
     assert first.wait() == 0, first.output()[-3000:]
-    assert "gloo, fsdp, fp32" in first.output()
+    assert "gloo, fsdp, fp32" in first.output() and "checkpoint step 10: async save" in first.output()
     losses = [p["loss"] for p in first.progress() if p["loss"] is not None]
 
     job["spec"]["training"]["totalSteps"] = 16
-    second = Run(tmp_path, "fsdp2", job, s3_env)
+    second = Run(tmp_path, "fsdp2", job, s3_env, extra_env=async_env)
     assert second.wait() == 0, second.output()[-3000:]
     p2 = second.progress()
     assert p2[0]["step"] == 12 and p2[-1]["step"] == 16
     assert p2[-1]["loss"] < losses[0]
+    assert [c.step for c in store_steps(s3_env, bucket, "fsdp")] == [12, 16]
 
     from transformers import AutoModelForCausalLM
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import re
 import shutil
 import threading
@@ -35,6 +36,7 @@ from .dist import Choice, DistEnv
 
 log = logging.getLogger(__name__)
 
+ASYNC_ENV = "KUBEFORGE_ASYNC_CHECKPOINT"
 SHARD_RE = re.compile(r"^__(\d+)_\d+\.distcp$")
 
 
@@ -107,8 +109,13 @@ class Checkpointer:
         choice: Choice,
         keep: int,
         meta: dict[str, Any] | None = None,
+        async_save: bool | None = None,
     ) -> None:
         self.store = store
+        # async by default on GPU; KUBEFORGE_ASYNC_CHECKPOINT=1/0 forces it either way (e.g. to test on CPU)
+        env = os.environ.get(ASYNC_ENV)
+        self.async_save = (choice.device_type == "cuda") if async_save is None and not env else \
+            (async_save if async_save is not None else env == "1")
         self.workdir = Path(workdir)
         self.denv = denv
         self.choice = choice
@@ -121,11 +128,11 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------------------ save
     def _process_group(self) -> Any:
-        """Async saves run their collectives on a separate gloo group (DCP recipe); sync saves use the
-        default group."""
+        """Async saves run their collectives on a separate gloo group (DCP recipe): their background thread
+        must not interleave collectives with training's on the default group. Sync saves use the default."""
         import torch.distributed as dist
 
-        if self.choice.device_type == "cuda" and self._pg is None:
+        if self.async_save and self._pg is None:
             self._pg = dist.new_group(backend="gloo")
         return self._pg
 
@@ -143,7 +150,7 @@ class Checkpointer:
         local.mkdir(parents=True, exist_ok=True)
         state = {"app": app}
         result: Future[list[dict[str, Any]]] = Future()
-        if self.choice.device_type == "cuda":
+        if self.async_save:
             resp = dcp.async_save(state, checkpoint_id=str(local), process_group=self._process_group())
             written: Any = getattr(resp, "upload_completion", resp)
         else:
@@ -152,6 +159,9 @@ class Checkpointer:
         threading.Thread(target=self._upload, args=(step, local, written, result), name=f"ckpt-upload-{step}",
                          daemon=True).start()
         self.pending = _Pending(step, tokens, local, result)
+        if self.denv.rank == 0:
+            log.info("checkpoint step %d: %s save to %s started", step, "async" if self.async_save else "sync",
+                     local)
 
     def _upload(self, step: int, local: Path, written: Any, result: Future[list[dict[str, Any]]]) -> None:
         try:
