@@ -705,7 +705,11 @@ def router_urls(pods: list[dict[str, Any]], port: int) -> list[str]:
 def read_signals(urls: list[str], spec: InferenceDeploymentSpec,
                  timeout: float = SCRAPE_TIMEOUT_S) -> dict[str, asc.PoolSignal] | None:
     """Per kubeforge pool, the routers' merged view; None when no router answered (hold the pools)."""
-    merged = asc.read_router_signals(urls, timeout=timeout) if urls else {}
+    try:
+        merged = asc.read_router_signals(urls, timeout=timeout) if urls else {}
+    except ValueError as e:  # a malformed /metrics: hold the pools rather than fail the reconcile
+        log.warning("router metrics unreadable: %s", e)
+        return None
     if not merged:
         return None
     return {name: merged[ROUTER_POOL[name]] for name in engine_pools(spec) if ROUTER_POOL[name] in merged}
