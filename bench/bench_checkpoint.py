@@ -55,6 +55,7 @@ def main() -> None:
     from kubeforge.storage import CheckpointStore, make_client
     from kubeforge.storage import s3 as s3mod
 
+    cfg_t = boto3.s3.transfer.TransferConfig()  # boto3's defaults
     port = localrun.free_port()
     srv = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     srv.start()
@@ -134,18 +135,17 @@ def main() -> None:
                 client.download_file("bench", f"raw{r}/{p.name}", str(out / p.name))
             record("raw_download_serial", time.perf_counter() - t0)
             # raw boto3, all files at once
-            cfg_t = boto3.s3.transfer.TransferConfig()
             t0 = time.perf_counter()
             with ThreadPoolExecutor(len(files)) as pool:
-                list(pool.map(lambda p: client.upload_file(str(p), "bench", f"rawp{r}/{p.name}", Config=cfg_t),
-                              files))
+                list(pool.map(lambda p, r=r: client.upload_file(str(p), "bench", f"rawp{r}/{p.name}",
+                                                                Config=cfg_t), files))
             record("raw_upload_parallel", time.perf_counter() - t0)
             shutil.rmtree(out)
             out.mkdir()
             t0 = time.perf_counter()
             with ThreadPoolExecutor(len(files)) as pool:
-                list(pool.map(lambda p: client.download_file("bench", f"rawp{r}/{p.name}", str(out / p.name),
-                                                             Config=cfg_t), files))
+                list(pool.map(lambda p, r=r, out=out: client.download_file(
+                    "bench", f"rawp{r}/{p.name}", str(out / p.name), Config=cfg_t), files))
             record("raw_download_parallel", time.perf_counter() - t0)
             for d in (dcp_dir, out, tmp / f"down{r}"):
                 shutil.rmtree(d, ignore_errors=True)

@@ -9,16 +9,22 @@ if the pod's command were plain torchrun. This wrapper runs the very same launch
 - a worker exited 143, or the launcher got SIGTERM  -> 143 (workers were forwarded the signal and
                                                        checkpoint before exiting; see --shutdown-timeout)
 - any other worker failure                          -> 1
+
+It also raises torchrun's grace for workers after SIGTERM from 30 s to an hour (TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+or --shutdown-timeout override it), so the pod's terminationGracePeriodSeconds is what bounds the checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from .. import contract
 
 log = logging.getLogger(__name__)
+
+DEFAULT_SHUTDOWN_TIMEOUT_S = 3600
 
 
 def exit_code_for(worker_codes: list[int]) -> int:
@@ -62,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    # torchrun SIGKILLs workers 30 s after forwarding SIGTERM unless told otherwise; a checkpoint can take
+    # longer. Wait as long as the pod's grace period allows (the kubelet's SIGKILL bounds it anyway).
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(DEFAULT_SHUTDOWN_TIMEOUT_S))
     args = parse_args(sys.argv[1:] if argv is None else argv)
     args.master_addr = resolve_master_addr(args.master_addr)
     try:

@@ -25,10 +25,12 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    ConnectionError as BotoConnectionError,
     HTTPClientError,
     IncompleteReadError,
     ResponseStreamingError,
+)
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
 )
 
 log = logging.getLogger(__name__)
@@ -208,7 +210,7 @@ def list_objects(client: Any, uri: S3Uri, delimiter: str | None = None) -> Itera
     token: str | None = None
     while True:
         page_kwargs = dict(kwargs, ContinuationToken=token) if token else kwargs
-        page = retry(lambda: client.list_objects_v2(**page_kwargs), what=f"LIST {uri}")
+        page = retry(lambda kw=page_kwargs: client.list_objects_v2(**kw), what=f"LIST {uri}")
         yield from page.get("Contents", [])
         yield from page.get("CommonPrefixes", [])
         if not page.get("IsTruncated"):
