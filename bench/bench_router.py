@@ -71,7 +71,17 @@ def row(label: str, lat: list[float], wall: float) -> str:
     )
 
 
-def run_case(name: str, direct: str, routed: str, args) -> None:
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds a process has used so far (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return float("nan")
+
+
+def run_case(name: str, direct: str, routed: str, args, router_pid: int | None = None) -> None:
     body = {
         "prompt": "Benchmarking the kubeforge router on loopback.",
         "max_tokens": args.max_tokens,
@@ -81,18 +91,24 @@ def run_case(name: str, direct: str, routed: str, args) -> None:
     asyncio.run(load(direct, body, 4, 2, 30))
     asyncio.run(load(routed, body, 4, 2, 30))
     results = {}
+    router_cpu = 0.0
     # Alternate halves so drift (thermal, caches) hits both sides alike.
     for _ in range(2):
         for label, url in (("direct", direct), ("router", routed)):
+            cpu0 = cpu_seconds(router_pid) if router_pid and label == "router" else 0.0
             lat, wall = asyncio.run(
                 load(url, body, args.requests // 2, args.concurrency, args.max_seconds / 4)
             )
+            if router_pid and label == "router":
+                router_cpu += cpu_seconds(router_pid) - cpu0
             prev = results.get(label, ([], 0.0))
             results[label] = (prev[0] + lat, prev[1] + wall)
     print(f"\n== {name}: max_tokens={args.max_tokens} concurrency={args.concurrency}")
     for label in ("direct", "router"):
         print(row(label, *results[label]))
     d, r = results["direct"][0], results["router"][0]
+    if router_pid and r:
+        print(f"{'router CPU':<22} {router_cpu / len(r) * 1e3:.2f} ms per request (user+sys, all legs)")
     if d and r:
         print(
             f"{'router-added':<22} p50={(pct(r, 0.5) - pct(d, 0.5)) * 1e3:+8.2f} ms  "
@@ -127,7 +143,7 @@ def main() -> None:
             echo = Proc("kubeforge.runtime.serve.echo", ["--port", str(port)], port).wait()
             rt = router_proc(["--decode", echo.url]).wait()
             procs += [echo, rt]
-            run_case("echo backend (router overhead alone)", echo.url, rt.url, args)
+            run_case("echo backend (router overhead alone)", echo.url, rt.url, args, rt.proc.pid)
         if args.backend in ("engine", "pd", "all"):
             model = args.model
             if not model:
@@ -139,13 +155,19 @@ def main() -> None:
             if args.backend in ("engine", "all"):
                 rt = router_proc(["--decode", eng.url]).wait()
                 procs.append(rt)
-                run_case("reference engine, aggregated", eng.url, rt.url, args)
+                run_case("reference engine, aggregated", eng.url, rt.url, args, rt.proc.pid)
             if args.backend in ("pd", "all"):
                 pe = engine_proc(model, role="prefill").wait()
                 de = engine_proc(model, role="decode", extra=["--max-num-seqs", "16"]).wait()
                 rt = router_proc(["--prefill", pe.url, "--decode", de.url]).wait()
                 procs += [pe, de, rt]
-                run_case("reference engines, P/D via router vs aggregated direct", eng.url, rt.url, args)
+                run_case(
+                    "reference engines, P/D via router vs aggregated direct",
+                    eng.url,
+                    rt.url,
+                    args,
+                    rt.proc.pid,
+                )
     finally:
         for pr in procs:
             pr.stop()
