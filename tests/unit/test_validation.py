@@ -154,6 +154,8 @@ INVALID: list[tuple[str, dict, dict | None, list[str]]] = [
      ["spec.decode.tensorParallel: must be >= spec.prefill.tensorParallel (4) with NixlConnector"]),
     ("autoscaling min over max", with_(INFD, "spec.decode.autoscaling", {"minReplicas": 5, "maxReplicas": 2}),
      None, ["spec.decode.autoscaling.minReplicas: must be <= maxReplicas (2)"]),
+    ("autoscaling from zero", with_(INFD, "spec.decode.autoscaling", {"minReplicas": 0, "maxReplicas": 2}),
+     None, ["spec.decode.autoscaling.minReplicas: must be >= 1: a pool cannot scale up from zero yet"]),
     ("replicas outside bounds", with_(INFD, "spec.decode.replicas", 9), None,
      ["spec.decode.replicas: must be between autoscaling.minReplicas (1) and maxReplicas (4)"]),
     ("gpus not tp", with_(INFD, "spec.decode.requests", {"nvidia.com/gpu": 1}), None,
@@ -185,7 +187,12 @@ _gpu_mismatch = with_(PTJ, "spec.resources.requests", {"nvidia.com/gpu": 2})
 _gpu_mismatch["spec"]["resources"]["limits"] = {"nvidia.com/gpu": 1}
 _mode_changed = with_(with_(with_(INFD, "spec.mode", "aggregated"), "spec.prefill"), "spec.decode")
 _mode_changed["spec"]["pool"] = {"replicas": 1, "requests": {"nvidia.com/gpu": 1}}
+_agg_autoscaled = with_(with_(with_(INFD, "spec.mode", "aggregated"), "spec.prefill"), "spec.decode")
+_agg_autoscaled["spec"]["pool"] = {"requests": {"nvidia.com/gpu": 1},
+                                   "autoscaling": {"minReplicas": 1, "maxReplicas": 3}}
 INVALID += [
+    ("aggregated autoscaling without router", _agg_autoscaled, None,
+     ["spec.pool.autoscaling: needs spec.router.enabled: true (the router's metrics drive autoscaling)"]),
     ("gpu limit differs", _gpu_mismatch, None,
      ["spec.resources.limits[nvidia.com/gpu]: must equal requests[nvidia.com/gpu] (2); GPUs cannot be overcommitted"]),
     ("mode changed", _mode_changed, INFD, ["spec.mode: is immutable; create a new InferenceDeployment"]),

@@ -179,7 +179,7 @@ KINDS: tuple[Kind, ...] = (
             PrinterColumn("Ready", ".status.readyPools", "string", "Ready pools / pools"),
             PrinterColumn("Endpoint", ".status.endpoint", "string", "OpenAI-compatible base URL"),
             PrinterColumn("Age", ".metadata.creationTimestamp", "date", "Time since creation"),
-            PrinterColumn("Model", ".status.resolvedModelURI", "string", "Model served", priority=1),
+            PrinterColumn("Model", ".status.resolvedModelUri", "string", "Model served", priority=1),
         ),
         cel_rules=(
             *MODEL_RULES,

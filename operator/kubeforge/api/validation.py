@@ -274,7 +274,9 @@ def _check_pool(errors: Errors, path: str, pool: Pool, engine: str) -> None:
     _check_pod_resources(errors, path, pool)
     asc = pool.autoscaling
     if asc is not None:
-        if asc.min_replicas > asc.max_replicas:
+        if asc.min_replicas < 1:
+            errors.add(f"{path}.autoscaling.minReplicas", "must be >= 1: a pool cannot scale up from zero yet")
+        elif asc.min_replicas > asc.max_replicas:
             errors.add(f"{path}.autoscaling.minReplicas", f"must be <= maxReplicas ({asc.max_replicas})")
         elif not asc.min_replicas <= pool.replicas <= asc.max_replicas:
             errors.add(
@@ -318,6 +320,8 @@ def _check_inference(errors: Errors, spec: InferenceDeploymentSpec) -> None:
                 "spec.decode.tensorParallel",
                 f"must be >= spec.prefill.tensorParallel ({spec.prefill.tensor_parallel}) with NixlConnector",
             )
+    if spec.mode == "aggregated" and spec.pool is not None and spec.pool.autoscaling and not spec.router.enabled:
+        errors.add("spec.pool.autoscaling", "needs spec.router.enabled: true (the router's metrics drive autoscaling)")
     for name in ("pool", "prefill", "decode"):
         pool = getattr(spec, name)
         if pool is not None:

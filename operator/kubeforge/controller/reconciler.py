@@ -17,7 +17,7 @@ from kubeforge.settings import OperatorSettings
 from . import kueue, pods
 from .children import selector
 from .conditions import set_kstatus
-from .kube import RESOURCES, Kube, Resource
+from .kube import RESOURCES, Kube, Resource, resource_for
 from .training import Event, JobContext, Observed, Plan, Source, merge_progress, plan
 
 log = logging.getLogger(__name__)
@@ -223,11 +223,12 @@ class Reconciler:
         if self.kube.create(manifest):
             return
         field = UPDATABLE.get(manifest["kind"])
-        if field is not None:  # exists: bring the field we own up to date
-            from .kube import resource_for
-
-            self.kube.merge_patch(resource_for(manifest), manifest["metadata"]["namespace"],
-                                  manifest["metadata"]["name"], {field: manifest[field]})
+        if field is None:
+            return
+        res, ns, name = resource_for(manifest), manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+        current = self.kube.get(res, ns, name) or {}
+        if current.get(field) != manifest[field]:  # exists but stale: bring the field we own up to date
+            self.kube.merge_patch(res, ns, name, {field: manifest[field]})
 
     def apply_workload(self, desired: dict[str, Any], current: dict[str, Any] | None) -> None:
         if current is None:
