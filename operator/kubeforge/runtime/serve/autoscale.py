@@ -113,7 +113,7 @@ def read_router_signals(urls: Iterable[str], timeout: float = 2.0) -> dict[str, 
             r = httpx.get(url.rstrip("/") + "/metrics", timeout=timeout)
             if r.status_code == 200:
                 got.append(parse_router_metrics(r.text))
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError):  # unreachable or unparsable: one replica must not blind the rest
             continue
     return merge_signals(got)
 
