@@ -614,23 +614,20 @@ class Router:
 
 
 def build_app(router: Router) -> Starlette:
-    async def completions(request: Request) -> Response:
-        router.open_requests += 1
-        try:
-            resp = await router.handle_generate(request, "/completions")
-        finally:
-            router.open_requests -= 1
-        router.m_client_requests.inc(route="/v1/completions", code=str(resp.status_code))
-        return resp
+    def generate_route(path: str):  # one endpoint per OpenAI route, same flow
+        async def endpoint(request: Request) -> Response:
+            router.open_requests += 1
+            try:
+                resp = await router.handle_generate(request, path)
+            finally:
+                router.open_requests -= 1
+            router.m_client_requests.inc(route=f"/v1{path}", code=str(resp.status_code))
+            return resp
 
-    async def chat(request: Request) -> Response:
-        router.open_requests += 1
-        try:
-            resp = await router.handle_generate(request, "/chat/completions")
-        finally:
-            router.open_requests -= 1
-        router.m_client_requests.inc(route="/v1/chat/completions", code=str(resp.status_code))
-        return resp
+        return endpoint
+
+    completions = generate_route("/completions")
+    chat = generate_route("/chat/completions")
 
     async def health(request: Request) -> Response:
         router.sync()
