@@ -17,7 +17,7 @@ import yaml
 
 from kubeforge import GROUP, VERSION
 from kubeforge.controller.kube import RESOURCES, Kube, Resource
-from kubeforge.devcluster.testing import ClusterHandle, Process
+from kubeforge.devcluster.testing import ClusterHandle, Process, pod_processes
 
 REPO = Path(__file__).resolve().parents[2]
 WEBHOOK_CONFIG = f"validate.{GROUP}"
@@ -158,25 +158,11 @@ def example(name: str) -> dict[str, Any]:
     return yaml.safe_load((REPO / "examples" / name).read_text())
 
 
-def worker_processes(namespace: str, pod: str) -> list[int]:
-    """PIDs of a dev-cluster pod's training processes (torchrun's workers), found by their environment."""
-    want = {f"KUBEFORGE_POD_NAME={pod}".encode(), f"KUBEFORGE_POD_NAMESPACE={namespace}".encode()}
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            env = set((entry / "environ").read_bytes().split(b"\0"))
-            cmd = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if want <= env and b"kubeforge.runtime.pretrain" in cmd and b"kubeforge.runtime.launch" not in cmd:
-            found.append(int(entry.name))
-    return found
-
-
 def kill_worker(namespace: str, pod: str) -> int:
-    pids = wait(lambda: worker_processes(namespace, pod), 60, f"the training process of {pod}")
+    # torchrun's worker (`-m kubeforge.runtime.pretrain`), not the launcher that would report the failure
+    pids = wait(lambda: [p for p in pod_processes(namespace, pod, b"kubeforge.runtime.pretrain")
+                         if p not in pod_processes(namespace, pod, b"kubeforge.runtime.launch")], 60,
+                f"the training process of {pod}")
     os.kill(pids[0], signal.SIGKILL)
     return pids[0]
 

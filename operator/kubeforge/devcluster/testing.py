@@ -38,6 +38,24 @@ def wait_for(fn: Callable[[], T], timeout: float = 60.0, interval: float = 0.25,
         time.sleep(interval)
 
 
+def pod_processes(namespace: str, pod: str, match: bytes = b"") -> list[int]:
+    """PIDs of a dev-cluster pod's processes (found by the pod env the node agent sets), whose command line
+    contains `match`: how a test or benchmark kills one worker of a gang the way an OOM or a crash would."""
+    want = {f"KUBEFORGE_POD_NAME={pod}".encode(), f"KUBEFORGE_POD_NAMESPACE={namespace}".encode()}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = set((entry / "environ").read_bytes().split(b"\0"))
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if want <= env and match in cmd:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
 @dataclass
 class Process:
     """A process started against the cluster (e.g. the operator); stop() is SIGTERM then SIGKILL."""
