@@ -381,7 +381,7 @@ class _Planner:
             return None
         report = self.rank0_report() or {}
         reported = parse_time(report.get("time")) if isinstance(report.get("time"), str) else None
-        last = max(t for t in (reported, gang_created, self.now - timedelta(days=3650)) if t is not None)
+        last = max((t for t in (reported, gang_created) if t is not None), default=self.now)
         if self.now - last > timedelta(seconds=deadline):
             return self.fail_or_restart(
                 "ProgressDeadlineExceeded", f"no progress reported for {deadline}s (progressDeadlineSeconds)")
