@@ -126,13 +126,13 @@ def test_exhausted_restarts_fail_the_job(operator: Operator, jobs: Jobs):
 
 
 def test_no_progress_within_the_deadline_restarts_the_gang(operator: Operator, jobs: Jobs):
-    # 3 s is shorter than a worker needs to import torch and report its first step: a "hang" every time
-    obj = tiny(jobs, "hung", runPolicy={"progressDeadlineSeconds": 3, "maxRestarts": 1, "backoffSeconds": 1})
+    # 1 s is far shorter than a worker needs to import torch and report its first step: a "hang" every time
+    obj = tiny(jobs, "hung", runPolicy={"progressDeadlineSeconds": 1, "maxRestarts": 1, "backoffSeconds": 1})
     jobs.create(obj)
     st = jobs.wait_phase(KIND, "hung", {"Failed"}, timeout=120)
     assert st["restarts"] == 1
     assert "ProgressDeadlineExceeded" in jobs.event_reasons("hung")
-    assert "no progress reported for 3s" in conditions(st)["Failed"]["message"]
+    assert "no progress reported for 1s" in conditions(st)["Failed"]["message"]
 
 
 def test_suspend_checkpoints_and_resume_continues(operator: Operator, jobs: Jobs):
