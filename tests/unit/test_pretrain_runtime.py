@@ -169,6 +169,33 @@ def test_stream_text_format_and_epochs(s3_client: Any, bucket: str) -> None:
     assert s.state.epoch >= 1
 
 
+def test_model_is_read_with_its_own_credentials(s3_env: dict[str, str], bucket: str) -> None:
+    """model.secretRef's keys (prefixed in the pod's env) sign the model reads; the checkpoint client stays
+    with the plain AWS_* keys. The Authorization header of a real request to the S3 server shows which."""
+    from kubeforge.runtime.pretrain import model_client
+
+    spec = SimpleNamespace(checkpoint=SimpleNamespace(endpoint=None))
+    default = make_client()
+    assert model_client(spec, default, environ=dict(s3_env)) is default  # no model secret: one client
+
+    prefix = contract.MODEL_CREDENTIALS_PREFIX
+    environ = {**s3_env, f"{prefix}AWS_ACCESS_KEY_ID": "model-reader", f"{prefix}AWS_SECRET_ACCESS_KEY": "s"}
+    signed: list[str] = []
+
+    def record(request: Any, **_: Any) -> None:
+        signed.append(request.headers["Authorization"].decode() if isinstance(
+            request.headers["Authorization"], bytes) else request.headers["Authorization"])
+
+    for client in (model_client(spec, default, environ=environ), default):
+        assert client.meta.endpoint_url == s3_env["AWS_ENDPOINT_URL"]  # the model secret names no endpoint
+        client.meta.events.register("before-send.s3.ListObjectsV2", record)
+        client.list_objects_v2(Bucket=bucket)
+    assert "Credential=model-reader/" in signed[0] and "Credential=testing/" in signed[1]
+
+    environ[f"{prefix}AWS_ENDPOINT_URL"] = "http://models.example:9000"
+    assert model_client(spec, default, environ=environ).meta.endpoint_url == "http://models.example:9000"
+
+
 def test_stream_rejects_empty_data(s3_client: Any, bucket: str) -> None:
     with pytest.raises(InvalidSpec, match="no data objects"):
         _stream(s3_client, f"s3://{bucket}/nothing")

@@ -59,6 +59,20 @@ def gang(phase: str = "Running", attempt: int = 0) -> list[dict]:
     return [pod(0, phase, attempt), pod(1, phase, attempt)]
 
 
+@pytest.mark.parametrize(("model_secret", "expected"), [
+    (None, [{"secretRef": {"name": "kubeforge-s3"}}]),
+    ("kubeforge-s3", [{"secretRef": {"name": "kubeforge-s3"}}]),  # the same secret is not rendered twice
+    ("hub-models", [{"secretRef": {"name": "kubeforge-s3"}},
+                    {"prefix": contract.MODEL_CREDENTIALS_PREFIX, "secretRef": {"name": "hub-models"}}]),
+])
+def test_model_credentials_reach_the_pods_apart_from_the_checkpoint_ones(model_secret, expected):
+    c = ctx(job())
+    c.builder.model_secret_name = model_secret
+    p = plan(c, Observed(), T0)
+    for pod_ in (m for m in p.create if m["kind"] == "Pod"):
+        assert pod_["spec"]["containers"][0]["envFrom"] == expected
+
+
 def running_status(**extra) -> dict:
     return {"phase": "Running", "attempt": 0, "gangCreatedAt": rfc3339(T0 - timedelta(minutes=5)),
             "startTime": rfc3339(T0 - timedelta(minutes=4)), **extra}

@@ -48,6 +48,7 @@ class TorchrunGang:
     secret_name: str | None
     s3_endpoint: str | None
     python: str = "python"
+    model_secret_name: str | None = None  # model.secretRef, when it is not secret_name
 
     @property
     def name(self) -> str:
@@ -102,6 +103,9 @@ class TorchrunGang:
         port = master_port(self.obj["metadata"]["uid"])
         master = f"{child_name(self.name, ROLE, 0)}.{self.name}.{self.namespace}.svc"
         env, env_from = s3_env(self.secret_name, self.s3_endpoint)
+        if self.model_secret_name and self.model_secret_name != self.secret_name:
+            env_from.append({"prefix": contract.MODEL_CREDENTIALS_PREFIX,
+                             "secretRef": {"name": self.model_secret_name}})
         gang_labels, gang_annotations, scheduler = gang.pod_fields(self.obj, gang_backend)
         meta = metadata(
             self.obj, child_name(self.name, ROLE, rank), ROLE,

@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,20 @@ def fetch_dir(client: Any, uri: str, local: Path, denv: kdist.DistEnv, what: str
     return local
 
 
+def model_client(spec: PretrainJobSpec, default: Any, environ: Mapping[str, str] | None = None) -> Any:
+    """The S3 client that reads the model and tokenizer: model.secretRef's credentials when the operator
+    rendered them apart (under contract.MODEL_CREDENTIALS_PREFIX), else the checkpoint client. The model's
+    endpoint is its secret's AWS_ENDPOINT_URL, else the checkpoint store's."""
+    environ = os.environ if environ is None else environ
+    prefix = contract.MODEL_CREDENTIALS_PREFIX
+    env = {k[len(prefix):]: v for k, v in environ.items() if k.startswith(prefix)}
+    if not (env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY")):
+        return default
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or spec.checkpoint.endpoint \
+        or environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")
+    return make_client(endpoint=endpoint, env=env, max_pool_connections=64)
+
+
 def load_tokenizer(spec: PretrainJobSpec, client: Any, workdir: Path, denv: kdist.DistEnv,
                    model_dir: Path | None) -> Any:
     from transformers import AutoTokenizer
@@ -205,8 +220,9 @@ def run(job: dict[str, Any], spec: PretrainJobSpec, stop: StopFlag) -> dict[str,
              tplan.tokens_per_step, tplan.grad_accum)
 
     # model and tokenizer
-    model, model_dir = load_model(spec, client, workdir, denv, seed)
-    tokenizer = load_tokenizer(spec, client, workdir, denv, model_dir)
+    mclient = model_client(spec, client)
+    model, model_dir = load_model(spec, mclient, workdir, denv, seed)
+    tokenizer = load_tokenizer(spec, mclient, workdir, denv, model_dir)
     vocab = int(model.config.vocab_size)
     if len(tokenizer) > vocab:
         raise InvalidSpec(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}",
