@@ -269,6 +269,26 @@ def test_init_container_fetches_the_model_once_per_pod(obj, deployment):
     assert spec["automountServiceAccountToken"] is False
 
 
+@pytest.mark.parametrize("tokenizer", [{"uri": "s3://kubeforge/tokenizers/llama"}, {"builtin": "byte"}])
+@pytest.mark.parametrize(("obj", "deployment"), [(VLLM_PD, "llm-decode"), (REF_PD, "tiny-prefill"),
+                                                 (REF_AGG, "one")])
+def test_model_tokenizer_is_fetched_and_handed_to_the_engine(obj, deployment, tokenizer):
+    obj = _obj(with_(obj, "spec.model.tokenizer", tokenizer))
+    spec = pod_spec(obj, deployment)
+    (init,) = spec["initContainers"]
+    source = tokenizer.get("uri") or "builtin:byte"
+    assert init["command"][-4:] == ["--tokenizer", source, "--tokenizer-dir", "/models/.tokenizer"]
+    argv = spec["containers"][0]["command"]
+    assert flag(argv, "--tokenizer") == "/models/.tokenizer"
+    if argv[0] == "python":  # the reference engine's CLI takes it
+        from kubeforge.runtime.serve.engine import parse_args
+
+        assert parse_args(_expand(argv, POD_ENV)[3:]).tokenizer == "/models/.tokenizer"
+    # without model.tokenizer the engines use the model's own
+    assert "--tokenizer" not in container(VLLM_PD, "llm-decode")["command"]
+    assert "--tokenizer" not in pod_spec(REF_PD, "tiny-prefill")["initContainers"][0]["command"]
+
+
 def test_init_container_gets_the_secret():
     init = pod_spec(REF_PD, "tiny-prefill")["initContainers"][0]
     assert init["envFrom"] == [{"secretRef": {"name": "kubeforge-s3"}}]
@@ -813,3 +833,38 @@ def test_fetch_cli_fails_clearly(s3_env, bucket, tmp_path, capsys, monkeypatch):
     assert (tmp_path / "term").read_text().startswith("model fetch failed")
     assert fetch.main(["s3://no-such-bucket-kf/models/x", str(tmp_path / "m")]) == fetch.EXIT_FAILED
     assert "NoSuchBucket" in capsys.readouterr().err
+
+
+def test_fetch_materialises_model_tokenizer_for_the_engine(s3_env, bucket, tmp_path, capsys, monkeypatch):
+    """A model exported without tokenizer files, served with model.tokenizer from S3 or built in: the init
+    container's CLI puts both in place and the reference engine encodes with the given tokenizer."""
+    from kubeforge.runtime import fetch
+    from kubeforge.runtime.serve.engine import Engine
+    from kubeforge.runtime.tinymodel import byte_tokenizer, save_tiny_model
+    from kubeforge.storage import make_client
+
+    client = make_client()
+    src = save_tiny_model(tmp_path / "export", seed=1)
+    for f in src.iterdir():
+        key = "tokenizers/byte" if f.name.startswith(("tokenizer", "special_tokens")) else "models/bare"
+        client.upload_file(str(f), bucket, f"{key}/{f.name}")
+    monkeypatch.setenv("KUBEFORGE_TERMINATION_LOG", str(tmp_path / "term"))
+
+    for source in (f"s3://{bucket}/tokenizers/byte", "builtin:byte"):
+        dest, tok_dir = tmp_path / source.split(":")[0] / "m", tmp_path / source.split(":")[0] / ".tokenizer"
+        assert fetch.main([f"s3://{bucket}/models/bare", str(dest), "--tokenizer", source,
+                           "--tokenizer-dir", str(tok_dir)]) == 0
+        assert not list(dest.glob("tokenizer*")) and (dest / "config.json").is_file()
+        engine = Engine(str(dest), "bare", tokenizer_dir=str(tok_dir))
+        text = "kubeforge \u00e9"
+        assert engine.tokenizer(text, add_special_tokens=False)["input_ids"] == list(text.encode())
+        assert engine.tokenizer.get_vocab() == byte_tokenizer().get_vocab()
+
+    assert fetch.main([f"s3://{bucket}/models/bare", str(tmp_path / "x"), "--tokenizer", "builtin:nope",
+                       "--tokenizer-dir", str(tmp_path / "t")]) == fetch.EXIT_FAILED
+    assert "tokenizer fetch failed: unknown built-in tokenizer 'nope' (known: byte)" in capsys.readouterr().err
+    assert fetch.main([f"s3://{bucket}/models/bare", str(tmp_path / "x"), "--tokenizer",
+                       f"s3://{bucket}/tokenizers/none", "--tokenizer-dir", str(tmp_path / "t")]) == fetch.EXIT_FAILED
+    assert (tmp_path / "term").read_text() == \
+        f"tokenizer fetch failed: no objects under s3://{bucket}/tokenizers/none " \
+        "(wrong URI, or the tokenizer was not exported there)"

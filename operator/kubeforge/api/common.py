@@ -56,9 +56,9 @@ class ModelSource(ApiModel):
     )
     """A Hugging Face model config (e.g. a Llama config with model_type) to train from scratch."""
     tokenizer: TokenizerSource | None = None
-    """Tokenizer to use; defaults to the one stored with the model."""
+    """Tokenizer to use (training and serving); defaults to the one stored with the model."""
     secret_ref: SecretRef | None = None
-    """Secret with S3 credentials to read the model; defaults to checkpoint.secretRef."""
+    """Secret (AWS_* keys) for the model and tokenizer; default: checkpoint.secretRef (serving: pod identity)."""
 
 
 class DataSource(ApiModel):

@@ -121,6 +121,19 @@ def model_dir(obj: dict[str, Any]) -> str:
     return f"{MODEL_ROOT}/{obj['metadata']['name']}"
 
 
+def tokenizer_dir(spec: InferenceDeploymentSpec) -> str | None:
+    """Where the init container puts model.tokenizer (a name no object can have); None: the model's own."""
+    return f"{MODEL_ROOT}/.tokenizer" if spec.model.tokenizer is not None else None
+
+
+def tokenizer_source(spec: InferenceDeploymentSpec) -> str | None:
+    """model.tokenizer as the fetch CLI's --tokenizer: an s3:// URI or builtin:<name>."""
+    tok = spec.model.tokenizer
+    if tok is None:
+        return None
+    return tok.uri or f"builtin:{tok.builtin}"
+
+
 def endpoint(obj: dict[str, Any], spec: InferenceDeploymentSpec) -> str:
     return f"http://{service_name(obj)}.{obj['metadata']['namespace']}.svc:{spec.port}/v1"
 
@@ -163,14 +176,17 @@ def _common_env(obj: dict[str, Any]) -> list[dict[str, Any]]:
 def fetch_container(
     obj: dict[str, Any], spec: InferenceDeploymentSpec, uri: str, image: str, python: str
 ) -> dict[str, Any]:
-    """Init container: copy the model from S3 into the pod's model volume before the engine starts.
-    The only container that sees the S3 credentials."""
+    """Init container: copy the model (and model.tokenizer, when set) from S3 into the pod's model volume
+    before the engine starts. The only container that sees the S3 credentials."""
     secret = spec.model.secret_ref.name if spec.model.secret_ref else None
     env, env_from = s3_env(secret, None)
+    command = [python, "-m", "kubeforge.runtime.fetch", uri, model_dir(obj)]
+    if (source := tokenizer_source(spec)) is not None:
+        command += ["--tokenizer", source, "--tokenizer-dir", str(tokenizer_dir(spec))]
     container: dict[str, Any] = {
         "name": "fetch-model",
         "image": image,
-        "command": [python, "-m", "kubeforge.runtime.fetch", uri, model_dir(obj)],
+        "command": command,
         "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, *env],
         "volumeMounts": [{"name": MODEL_VOLUME, "mountPath": MODEL_ROOT}],
     }
@@ -194,6 +210,8 @@ def reference_command(
         "--kv-load-failure-policy", spec.kv_transfer.failure_policy,
         "--drain-timeout", str(REFERENCE_DRAIN_S),
     ]
+    if (tok := tokenizer_dir(spec)) is not None:
+        argv += ["--tokenizer", tok]
     if spec.max_model_len is not None:
         argv += ["--max-model-len", str(spec.max_model_len)]
     return argv + list(pool.extra_args)
@@ -221,7 +239,8 @@ def engine_deployment(
         container: dict[str, Any] = {
             "name": "engine",
             "image": image,
-            "command": vllm.vllm_command(spec, pool, role, model_dir(obj), served_name(obj, spec)),
+            "command": vllm.vllm_command(spec, pool, role, model_dir(obj), served_name(obj, spec),
+                                          tokenizer_dir(spec)),
             "env": [*_common_env(obj), *vllm.vllm_env(spec, role), *user_env],
             "ports": vllm.vllm_ports(spec, role),
             "resources": resources_block(pool, default_gpus=pool.tensor_parallel),

@@ -5,7 +5,7 @@ config names follow vLLM's own (`vllm serve --help`, `vllm/config/kv_transfer.py
 and its integration scripts):
 
   vllm serve <local dir> --served-model-name N --host 0.0.0.0 --port P --tensor-parallel-size TP
-      --shutdown-timeout S [--max-model-len L] [--block-size B]
+      --shutdown-timeout S [--tokenizer DIR] [--max-model-len L] [--block-size B]
       [--kv-transfer-config '<JSON KVTransferConfig>'] [extra args]
 
 KVTransferConfig fields used: `kv_connector`, `kv_role` (kv_producer | kv_consumer | kv_both),
@@ -64,9 +64,10 @@ def kv_transfer_config(spec: InferenceDeploymentSpec, role: str) -> dict[str, An
 
 
 def vllm_command(
-    spec: InferenceDeploymentSpec, pool: Pool, role: str, model_dir: str, served_name: str
+    spec: InferenceDeploymentSpec, pool: Pool, role: str, model_dir: str, served_name: str,
+    tokenizer_dir: str | None = None,
 ) -> list[str]:
-    """argv of the engine container."""
+    """argv of the engine container; tokenizer_dir when model.tokenizer is not the model's own."""
     argv = [
         "vllm", "serve", model_dir,
         "--served-model-name", served_name,
@@ -75,6 +76,8 @@ def vllm_command(
         "--tensor-parallel-size", str(pool.tensor_parallel),
         "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S),
     ]
+    if tokenizer_dir is not None:
+        argv += ["--tokenizer", tokenizer_dir]
     if spec.max_model_len is not None:
         argv += ["--max-model-len", str(spec.max_model_len)]
     if spec.block_size is not None:

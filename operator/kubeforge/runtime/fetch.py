@@ -1,6 +1,11 @@
 """Copy a model directory from S3 to a local directory: the init container of every serving pod.
 
     python -m kubeforge.runtime.fetch s3://bucket/models/llama /models/llama [--concurrency 16]
+        [--tokenizer s3://bucket/tokenizers/llama | builtin:byte --tokenizer-dir /models/.tokenizer]
+
+With --tokenizer (the spec's model.tokenizer) the tokenizer is materialised too, as a Hugging Face
+tokenizer directory the engine is pointed at (`--tokenizer`): copied from S3 like the model, or written by
+kubeforge for a built-in one (`builtin:byte`, the byte-level tokenizer of kubeforge.runtime.tinymodel).
 
 Every object under the prefix is downloaded in parallel (s3transfer: ranged GETs for big shards, writes to
 a temporary name and renames, so a file with its final name is complete). A file already present with the
@@ -44,7 +49,14 @@ def plan(objects: list[tuple[str, int]], dest: Path) -> tuple[list[str], list[st
     return todo, kept
 
 
-def fetch(uri: str, dest: str | os.PathLike[str], client: Any = None, concurrency: int = 16) -> dict[str, int]:
+BUILTIN_PREFIX = "builtin:"
+# a Hugging Face model directory has this file; a tokenizer directory has one of the others
+EXPECTED = {"model": ("config.json",), "tokenizer": ("tokenizer.json", "tokenizer_config.json", "vocab.json",
+                                                      "tokenizer.model")}
+
+
+def fetch(uri: str, dest: str | os.PathLike[str], client: Any = None, concurrency: int = 16,
+          what: str = "model") -> dict[str, int]:
     """Download s3 prefix `uri` into `dest`; returns counts {objects, downloaded, kept, bytes}."""
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -64,10 +76,11 @@ def fetch(uri: str, dest: str | os.PathLike[str], client: Any = None, concurrenc
         ]
         objects = [(n, s) for n, s in objects if n]
         if not objects:
-            raise FetchError(f"no objects under {uri} (wrong URI, or the model was not exported there)")
+            raise FetchError(f"no objects under {uri} (wrong URI, or the {what} was not exported there)")
         names = {n for n, _ in objects}
-        if "config.json" not in names:
-            log.warning("%s has no config.json; is it a Hugging Face model directory?", uri)
+        if not names & set(EXPECTED[what]):
+            log.warning("%s has none of %s; is it a Hugging Face %s directory?", uri, ", ".join(EXPECTED[what]),
+                        what)
         todo, kept = plan(objects, root)
         root.mkdir(parents=True, exist_ok=True)
         download_files(client, src, root, todo, transfer_config(concurrency=concurrency))
@@ -81,6 +94,28 @@ def fetch(uri: str, dest: str | os.PathLike[str], client: Any = None, concurrenc
     sizes = dict(objects)
     return {"objects": len(objects), "downloaded": len(todo), "kept": len(kept),
             "bytes": sum(sizes[n] for n in todo)}
+
+
+def write_builtin_tokenizer(name: str, dest: str | os.PathLike[str]) -> None:
+    """Write a tokenizer shipped with kubeforge as a Hugging Face tokenizer directory."""
+    from .tinymodel import byte_tokenizer
+
+    builtins = {"byte": byte_tokenizer}
+    if name not in builtins:
+        raise FetchError(f"unknown built-in tokenizer {name!r} (known: {', '.join(sorted(builtins))})")
+    try:
+        builtins[name]().save_pretrained(str(dest))
+    except OSError as e:
+        raise FetchError(f"cannot write built-in tokenizer {name} to {dest}: {e}") from e
+
+
+def fetch_tokenizer(source: str, dest: str | os.PathLike[str], concurrency: int = 16) -> str:
+    """Materialise model.tokenizer (`s3://...` or `builtin:<name>`) in `dest`; returns a log line."""
+    if source.startswith(BUILTIN_PREFIX):
+        write_builtin_tokenizer(source[len(BUILTIN_PREFIX):], dest)
+        return f"wrote built-in tokenizer {source} -> {dest}"
+    counts = fetch(source, dest, concurrency=concurrency, what="tokenizer")
+    return f"fetched tokenizer {source} -> {dest}: {counts['objects']} objects, {counts['downloaded']} downloaded"
 
 
 def _termination_log(message: str) -> None:
@@ -98,19 +133,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("uri", help="s3:// prefix of the model directory")
     p.add_argument("dest", help="local directory to fill")
     p.add_argument("--concurrency", type=int, default=16, help="parallel transfers")
+    p.add_argument("--tokenizer", default=None, help="s3:// prefix of a tokenizer directory, or builtin:byte")
+    p.add_argument("--tokenizer-dir", default=None, help="local directory for --tokenizer")
     a = p.parse_args(argv)
+    if bool(a.tokenizer) != bool(a.tokenizer_dir):
+        p.error("--tokenizer and --tokenizer-dir go together")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     t0 = time.monotonic()
+    stage = "model"
     try:
         counts = fetch(a.uri, a.dest, concurrency=a.concurrency)
+        log.info("fetched %s -> %s: %d objects, %d downloaded (%.1f MiB), %d already present, %.1fs",
+                 a.uri, a.dest, counts["objects"], counts["downloaded"], counts["bytes"] / (1 << 20),
+                 counts["kept"], time.monotonic() - t0)
+        if a.tokenizer:
+            stage = "tokenizer"
+            log.info("%s", fetch_tokenizer(a.tokenizer, a.tokenizer_dir, a.concurrency))
     except FetchError as e:
-        message = f"model fetch failed: {e}"
+        message = f"{stage} fetch failed: {e}"
         print(message, file=sys.stderr, flush=True)
         _termination_log(message)
         return EXIT_FAILED
-    log.info("fetched %s -> %s: %d objects, %d downloaded (%.1f MiB), %d already present, %.1fs",
-             a.uri, a.dest, counts["objects"], counts["downloaded"], counts["bytes"] / (1 << 20),
-             counts["kept"], time.monotonic() - t0)
     return 0
 
 

@@ -119,6 +119,7 @@ class Engine:
         port: int = 8000,
         kv_fetch_timeout: float = 30.0,
         dtype: str = "float32",
+        tokenizer_dir: str | None = None,
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -136,7 +137,7 @@ class Engine:
         self.advertise_host = advertise_host
         self.port = port
         self.kv_fetch_timeout = kv_fetch_timeout
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
         self.model.eval()
         cfg = self.model.config
@@ -776,6 +777,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="Hugging Face model directory")
+    p.add_argument("--tokenizer", default=None, help="Hugging Face tokenizer directory (default: the model's)")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
@@ -826,6 +828,7 @@ def main(argv=None) -> None:
         port=a.port,
         kv_fetch_timeout=a.kv_fetch_timeout,
         dtype=a.dtype,
+        tokenizer_dir=a.tokenizer,
     )
     app = build_app(engine, a.request_timeout)
     e = engine
