@@ -62,7 +62,7 @@ class ModelSource(ApiModel):
 
 
 class DataSource(ApiModel):
-    """Training data: text or JSON lines files under an s3:// prefix, streamed and packed."""
+    """Training data: text or JSON lines files (plain, .gz or .zst) under an s3:// prefix, streamed and packed."""
 
     uri: S3Uri
     """s3:// prefix (or a single object) holding the data files."""
