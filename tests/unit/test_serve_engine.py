@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 from kubeforge.runtime.serve import metrics as m  # noqa: E402
 from kubeforge.runtime.serve.engine import Engine, build_app  # noqa: E402
 from kubeforge.runtime.serve.kvcache import KVStore  # noqa: E402
-from kubeforge.runtime.serve.testing import ThreadServer, engine_proc  # noqa: E402
+from kubeforge.runtime.serve.testing import ThreadServer, engine_proc, metric, sse_events  # noqa: E402
 from kubeforge.runtime.tinymodel import save_tiny_model  # noqa: E402
 
 NAME = "tiny"
@@ -91,19 +91,6 @@ def engines(model_dir):
     yield both, prefill, decode
     for s in (both, prefill, decode):
         s.stop()
-
-
-def metric(url: str, name: str, **labels) -> float:
-    return m.sum_samples(m.parse_text(httpx.get(url + "/metrics").text), name, **labels)
-
-
-def sse_events(resp: httpx.Response) -> list:
-    out = []
-    for line in resp.iter_lines():
-        if line.startswith("data: "):
-            data = line[6:]
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
 
 
 PREFILL_PARAMS = {

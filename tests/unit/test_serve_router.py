@@ -16,7 +16,7 @@ from kubeforge.runtime.serve.autoscale import parse_router_metrics
 from kubeforge.runtime.serve.discovery import FileDiscovery, KubernetesDiscovery, StaticDiscovery, wait_for
 from kubeforge.runtime.serve.echo import build_app as echo_app
 from kubeforge.runtime.serve.router import Router, RouterConfig, build_app
-from kubeforge.runtime.serve.testing import ThreadServer, engine_proc, free_port
+from kubeforge.runtime.serve.testing import ThreadServer, engine_proc, free_port, metric, sse_events
 
 NAME = "tiny"
 PROMPT = "Disaggregated serving splits the prompt pass from token generation."
@@ -29,19 +29,6 @@ def router_server(pools=None, discovery=None, **cfg) -> ThreadServer:
     srv = ThreadServer(build_app(r)).start()
     srv.router = r
     return srv
-
-
-def metric(url: str, name: str, **labels) -> float:
-    return m.sum_samples(m.parse_text(httpx.get(url + "/metrics").text), name, **labels)
-
-
-def sse_events(resp: httpx.Response) -> list:
-    out = []
-    for line in resp.iter_lines():
-        if line.startswith("data: "):
-            data = line[6:]
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
 
 
 def dead_url() -> str:

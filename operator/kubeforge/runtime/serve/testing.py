@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from . import metrics as m
+
 OPERATOR_DIR = str(Path(__file__).resolve().parents[3])  # .../operator (the source root)
 
 
@@ -20,6 +23,21 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples (with these labels) on a server's /metrics."""
+    return m.sum_samples(m.parse_text(httpx.get(url + "/metrics").text), name, **labels)
+
+
+def sse_events(resp: httpx.Response) -> list:
+    """The data of each server-sent event of a streamed response (JSON decoded, "[DONE]" as is)."""
+    out = []
+    for line in resp.iter_lines():
+        if line.startswith("data: "):
+            data = line[6:]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
 
 
 def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
