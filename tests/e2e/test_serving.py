@@ -22,7 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
-from kubeforge.controller.kube import RESOURCES
+from kubeforge.controller import serving as sv
+from kubeforge.controller.kube import RESOURCES, Resource
 from kubeforge.devcluster.testing import ClusterHandle
 
 from .conftest import Jobs, example, wait
@@ -173,6 +174,18 @@ def _scenario(cluster: ClusterHandle, namespace: str, jobs: Jobs, local: Path) -
     svc = kube.get(RESOURCES["Service"], namespace, NAME)
     assert svc["spec"]["selector"]["kubeforge.dev/role"] == "router"
     wait(lambda: jobs.status(KIND, NAME).get("phase") == "Ready", 30, "phase Ready")
+    # one PodDisruptionBudget per Deployment, in the version the server has; its controller counts the
+    # pool's one pod (the selector matches that pool, not the others) and allows evicting it
+    pdb_version = sv.pdb_api_version(kube)
+    assert pdb_version is not None
+    pdb_res = Resource(*pdb_version.split("/"), "poddisruptionbudgets")
+
+    def budgets() -> dict[str, dict[str, Any]]:
+        return {p["metadata"]["name"]: p.get("status") or {}
+                for p in kube.list(pdb_res, namespace, f"kubeforge.dev/job-name={NAME}")}
+
+    wait(lambda: {n: (b.get("expectedPods"), b.get("disruptionsAllowed")) for n, b in budgets().items()}
+         == {n: (1, 1) for n in deps}, 60, "a disruption budget per pool, each counting its one pod")
 
     # --- greedy output through the router equals model.generate -------------------------------------------
     url = router_url(jobs)

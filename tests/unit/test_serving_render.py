@@ -8,6 +8,7 @@ import copy
 import json
 import re
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -79,11 +80,13 @@ def flag(argv: list[str], name: str) -> str | None:
 @pytest.mark.parametrize(("obj", "expected"), [
     (VLLM_PD, {("ServiceAccount", "llm-router"), ("Role", "llm-router"), ("RoleBinding", "llm-router"),
                ("Deployment", "llm-prefill"), ("Deployment", "llm-decode"), ("Deployment", "llm-router"),
-               ("Service", "llm")}),
-    (VLLM_AGG, {("Deployment", "agg"), ("Service", "agg")}),
-    (REF_AGG, {("Deployment", "one"), ("Service", "one")}),
+               ("PodDisruptionBudget", "llm-prefill"), ("PodDisruptionBudget", "llm-decode"),
+               ("PodDisruptionBudget", "llm-router"), ("Service", "llm")}),
+    (VLLM_AGG, {("Deployment", "agg"), ("PodDisruptionBudget", "agg"), ("Service", "agg")}),
+    (REF_AGG, {("Deployment", "one"), ("PodDisruptionBudget", "one"), ("Service", "one")}),
     (REF_AGG_ROUTER, {("ServiceAccount", "one-router"), ("Role", "one-router"), ("RoleBinding", "one-router"),
-                      ("Deployment", "one"), ("Deployment", "one-router"), ("Service", "one")}),
+                      ("Deployment", "one"), ("Deployment", "one-router"), ("PodDisruptionBudget", "one"),
+                      ("PodDisruptionBudget", "one-router"), ("Service", "one")}),
 ], ids=["vllm-disaggregated", "vllm-aggregated", "reference-aggregated", "aggregated-with-router"])
 def test_children_names_and_kinds(obj, expected):
     assert set(children(obj)) == expected
@@ -107,6 +110,31 @@ def test_every_child_is_owned_and_labelled(obj):
             assert m["spec"]["strategy"] == {"type": "RollingUpdate",
                                              "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
             assert re.fullmatch(r"[0-9a-f]{16}", meta["annotations"][sv.HASH_ANNOTATION])
+
+
+@pytest.mark.parametrize("api_version", ["policy/v1", "policy/v1beta1"])
+@pytest.mark.parametrize("obj", [VLLM_PD, REF_AGG_ROUTER], ids=["pd", "agg-r"])
+def test_each_pool_has_a_disruption_budget_selecting_exactly_its_pods(obj, api_version):
+    out = sv.desired_children(obj, parse_spec(obj), URI, SETTINGS, pdb_api_version=api_version)
+    deployments = {m["metadata"]["name"]: m for m in out if m["kind"] == "Deployment"}
+    budgets = {m["metadata"]["name"]: m for m in out if m["kind"] == "PodDisruptionBudget"}
+    assert set(budgets) == set(deployments)
+    for name, pdb in budgets.items():
+        assert pdb["apiVersion"] == api_version and pdb["spec"]["maxUnavailable"] == 1
+        assert resource_for(pdb) == Resource("policy", api_version.split("/")[1], "poddisruptionbudgets")
+        selected = pdb["spec"]["selector"]["matchLabels"]
+        for other, dep in deployments.items():  # its own pool's pods, and no other pool's
+            pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+            assert (selected.items() <= pod_labels.items()) == (other == name)
+    none = sv.desired_children(obj, parse_spec(obj), URI, SETTINGS, pdb_api_version=None)
+    assert not [m for m in none if m["kind"] == "PodDisruptionBudget"]
+
+
+@pytest.mark.parametrize(("served", "expected"), [({"v1", "v1beta1"}, "policy/v1"),
+                                                  ({"v1beta1"}, "policy/v1beta1"), (set(), None)])
+def test_disruption_budget_version_is_what_the_cluster_serves(served, expected):
+    kube = SimpleNamespace(served=lambda group, version: group == "policy" and version in served)
+    assert sv.pdb_api_version(kube) == expected
 
 
 @pytest.mark.parametrize(("obj", "target_role"), [
@@ -744,6 +772,9 @@ class FakeKube:
     def post_event(self, obj, type_, reason, message):
         self.events.append((type_, reason))
 
+    def served(self, group, version):
+        return (group, version) == ("policy", "v1")
+
 
 def test_reconcile_creates_then_converges_then_rolls():
     kube = FakeKube(REF_PD)
@@ -751,7 +782,9 @@ def test_reconcile_creates_then_converges_then_rolls():
     assert r.reconcile("InferenceDeployment", "ns1", "tiny") == 2.0
     created = sorted((k, n) for op, k, n in kube.calls if op == "create")
     assert created == sorted([("Deployment", "tiny-decode"), ("Deployment", "tiny-prefill"),
-                              ("Deployment", "tiny-router"), ("Role", "tiny-router"), ("RoleBinding", "tiny-router"),
+                              ("Deployment", "tiny-router"), ("PodDisruptionBudget", "tiny-decode"),
+                              ("PodDisruptionBudget", "tiny-prefill"), ("PodDisruptionBudget", "tiny-router"),
+                              ("Role", "tiny-router"), ("RoleBinding", "tiny-router"),
                               ("Service", "tiny"), ("ServiceAccount", "tiny-router")])
     assert kube.events == [("Normal", "Progressing")]
     st = kube.store[("InferenceDeployment", "ns1", "tiny")]["status"]
@@ -795,9 +828,12 @@ def test_reconcile_router_switched_off_deletes_its_deployment():
     r = Reconciler(kube, SETTINGS, clock=lambda: T0)  # type: ignore[arg-type]
     r.reconcile("InferenceDeployment", "ns1", "one")
     assert ("Deployment", "ns1", "one-router") in kube.store
+    assert ("PodDisruptionBudget", "ns1", "one-router") in kube.store
     kube.store[("InferenceDeployment", "ns1", "one")]["spec"]["router"] = {"enabled": False}
     r.reconcile("InferenceDeployment", "ns1", "one")
     assert ("Deployment", "ns1", "one-router") not in kube.store
+    assert ("PodDisruptionBudget", "ns1", "one-router") not in kube.store  # its budget goes with it
+    assert ("PodDisruptionBudget", "ns1", "one") in kube.store
     svc = kube.store[("Service", "ns1", "one")]
     assert svc["spec"]["selector"][contract.LABEL_ROLE] == "aggregated"
 

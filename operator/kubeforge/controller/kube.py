@@ -55,6 +55,8 @@ RESOURCES: dict[str, Resource] = {
     "Role": Resource("rbac.authorization.k8s.io", "v1", "roles"),
     "RoleBinding": Resource("rbac.authorization.k8s.io", "v1", "rolebindings"),
     "Deployment": Resource("apps", "v1", "deployments"),
+    # policy/v1 from Kubernetes 1.21; older servers (the v1.20 dev cluster) serve only policy/v1beta1
+    "PodDisruptionBudget": Resource("policy", "v1", "poddisruptionbudgets"),
     "PodGroup.volcano": Resource("scheduling.volcano.sh", "v1beta1", "podgroups"),
     "PodGroup.coscheduling": Resource("scheduling.x-k8s.io", "v1alpha1", "podgroups"),
     "PretrainJob": Resource(GROUP, VERSION, "pretrainjobs"),
@@ -69,9 +71,9 @@ def resource_for(manifest: dict[str, Any]) -> Resource:
     kind, api_version = manifest["kind"], manifest["apiVersion"]
     if kind == "PodGroup":
         return RESOURCES["PodGroup.volcano" if api_version.startswith("scheduling.volcano.sh") else "PodGroup.coscheduling"]
-    if kind == "Workload":
+    if kind in ("Workload", "PodDisruptionBudget"):  # the version the cluster serves, as rendered
         group, version = api_version.split("/")
-        return Resource(group, version, "workloads")
+        return Resource(group, version, "workloads" if kind == "Workload" else "poddisruptionbudgets")
     return RESOURCES[kind]
 
 

@@ -61,7 +61,7 @@ from .children import (
     selector,
 )
 from .conditions import find, parse_time, rfc3339, set_kstatus
-from .kube import RESOURCES
+from .kube import RESOURCES, resource_for
 from .reconciler import merge_patch_diff
 from .training import Event, Source
 
@@ -356,6 +356,17 @@ def service(obj: dict[str, Any], spec: InferenceDeploymentSpec, to_router: bool 
     }
 
 
+def disruption_budget(obj: dict[str, Any], pool: str, api_version: str) -> dict[str, Any]:
+    """At most one pod of a pool evicted at a time (node drains, cluster autoscaler scale-downs), so a drain
+    never takes a whole pool, and with it the endpoint, down at once. A single-replica pool stays evictable."""
+    return {
+        "apiVersion": api_version,
+        "kind": "PodDisruptionBudget",
+        "metadata": metadata(obj, deployment_name(obj, pool), pool),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": pod_selector_labels(obj, pool)}},
+    }
+
+
 def router_rbac(obj: dict[str, Any]) -> list[dict[str, Any]]:
     """The router watches the pools' pods: get/list/watch pods in this namespace, nothing else."""
     account = router_account(obj)
@@ -380,20 +391,34 @@ def router_rbac(obj: dict[str, Any]) -> list[dict[str, Any]]:
 def desired_children(
     obj: dict[str, Any], spec: InferenceDeploymentSpec, resolved_uri: str, settings: OperatorSettings,
     replicas: Mapping[str, int] | None = None, service_to_router: bool | None = None,
+    pdb_api_version: str | None = "policy/v1",
 ) -> list[dict[str, Any]]:
     """Every child of the InferenceDeployment; `replicas` per pool overrides the spec (the autoscaler),
-    `service_to_router` where the Service points (see `service`)."""
+    `service_to_router` where the Service points (see `service`), `pdb_api_version` the PodDisruptionBudget
+    version the cluster serves (None: render none)."""
     replicas = replicas or {}
     out: list[dict[str, Any]] = []
     if router_enabled(spec):
         out += router_rbac(obj)
+    pools = list(engine_pools(spec))
     for name, pool in engine_pools(spec).items():
         n = replicas.get(name, spec_replicas(spec, name))
         out.append(engine_deployment(obj, spec, name, pool, resolved_uri, settings, n))
     if router_enabled(spec):
         out.append(router_deployment(obj, spec, settings, replicas.get(ROUTER, spec_replicas(spec, ROUTER))))
+        pools.append(ROUTER)
+    if pdb_api_version:
+        out += [disruption_budget(obj, pool, pdb_api_version) for pool in pools]
     out.append(service(obj, spec, service_to_router))
     return out
+
+
+def pdb_api_version(kube: Any) -> str | None:
+    """The PodDisruptionBudget apiVersion the cluster serves, or None."""
+    for version in ("v1", "v1beta1"):
+        if kube.served("policy", version):
+            return f"policy/{version}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -464,13 +489,16 @@ def _apply(reconciler: Any, obj: dict[str, Any], children: list[dict[str, Any]],
             current = kube.get(RESOURCES["Role"], ns, name)
             if current is not None and current.get("rules") != manifest["rules"]:
                 kube.merge_patch(RESOURCES["Role"], ns, name, {"rules": manifest["rules"]})
-    # Deployments we no longer want (the router switched off in aggregated mode)
+    # Deployments we no longer want (the router switched off in aggregated mode), with their budgets
     wanted = {m["metadata"]["name"] for m in children if m["kind"] == "Deployment"}
+    pdb = next((resource_for(m) for m in children if m["kind"] == "PodDisruptionBudget"), None)
     uid = obj["metadata"].get("uid")
     for name, dep in deployments.items():
         owners = dep["metadata"].get("ownerReferences") or []
         if name not in wanted and any(o.get("uid") == uid for o in owners):
             kube.delete(RESOURCES["Deployment"], ns, name)
+            if pdb is not None:
+                kube.delete(pdb, ns, name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -771,7 +799,8 @@ def reconcile_serving(reconciler: Any, obj: dict[str, Any]) -> float | None:
             observed.signals = read_signals(router_urls(observed.pods, spec.port), spec)
     plan = plan_serving(obj, spec, observed, now)
     if source.uri and not source.waiting and not source.failed:
-        children = desired_children(obj, spec, source.uri, settings, plan.replicas, plan.service_to_router)
+        children = desired_children(obj, spec, source.uri, settings, plan.replicas, plan.service_to_router,
+                                    pdb_api_version(kube))
         _apply(reconciler, obj, children, observed.deployments)
     with _MEMORY.lock:
         _MEMORY.recommendations[uid] = plan.recommendations
