@@ -9,6 +9,9 @@ Children (deterministic names, kubeforge labels, owned by the InferenceDeploymen
   Service    <name>  -> router pods when there is a router, else straight to the pool (no extra hop);
                         an aggregated pool's router takes the Service over once a router pod is ready
   ServiceAccount/Role/RoleBinding <name>-router: list/watch pods in the namespace (router discovery)
+  PodDisruptionBudget per Deployment (same name): maxUnavailable 1, so a node drain or a cluster
+                        autoscaler scale-down evicts a pool's pods one at a time (policy/v1, or v1beta1 on
+                        servers older than 1.21)
 
 Why Deployments (not StatefulSets, not bare pods): an engine replica is stateless. It fetches the model from
 S3 into its own volume (an init container) and holds nothing another replica needs, so pods need neither
