@@ -16,10 +16,11 @@ ENV_POD_NAMESPACE = "KUBEFORGE_POD_NAMESPACE"  # downward API metadata.namespace
 ENV_POD_IP = "KUBEFORGE_POD_IP"  # downward API status.podIP
 ENV_PROGRESS_MODE = "KUBEFORGE_PROGRESS"  # "pod-annotation" (default in cluster) | "file:<path>" | "off"
 ENV_TERMINATION_LOG = "KUBEFORGE_TERMINATION_LOG"  # defaults to /dev/termination-log
-# model.secretRef, when it differs from checkpoint.secretRef, reaches training pods under this prefix
-# (KUBEFORGE_MODEL_AWS_ACCESS_KEY_ID, ...): the model and tokenizer are read with it, the rest with the plain
-# AWS_* variables of checkpoint.secretRef
+# model.secretRef and data.secretRef, when they differ from checkpoint.secretRef, reach training pods under
+# these prefixes (KUBEFORGE_MODEL_AWS_ACCESS_KEY_ID, ...): the model and tokenizer, and the data, are read
+# with them; checkpoints with the plain AWS_* variables of checkpoint.secretRef
 MODEL_CREDENTIALS_PREFIX = "KUBEFORGE_MODEL_"
+DATA_CREDENTIALS_PREFIX = "KUBEFORGE_DATA_"
 
 SPEC_MOUNT_DIR = "/etc/kubeforge"
 SPEC_FILE_NAME = "job.json"

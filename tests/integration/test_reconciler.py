@@ -64,3 +64,27 @@ def test_kinds_without_a_controller_say_so_honestly(reconciler, namespace):
     assert conds["Stalled"]["reason"] == "NotImplemented" and conds["Ready"]["status"] == "False"
     assert "phase" not in got["status"] and got["status"]["observedGeneration"] == 1
     assert kube.list(RESOURCES["Pod"], namespace) == []
+
+
+def test_model_and_data_secrets_reach_the_gang_under_their_prefixes(reconciler, namespace):
+    """Three Secrets (checkpoint, model, data) in one job: the API server stores the pods with each one's
+    envFrom, the model's and the data's under their prefixes. The gang asks for more GPUs than any node
+    has, so it stays Pending and nothing runs."""
+    from kubeforge import contract
+
+    kube = reconciler.kube
+    obj = pretrain_job("creds", namespace, resources={"numNodes": 2, "processesPerNode": 1,
+                                                      "requests": {"nvidia.com/gpu": 64}})
+    obj["spec"]["checkpoint"]["secretRef"] = {"name": "kubeforge-s3"}
+    obj["spec"]["model"]["secretRef"] = {"name": "hub-models"}
+    obj["spec"]["data"]["secretRef"] = {"name": "corpora"}
+    kube.create(obj)
+    reconciler.reconcile("PretrainJob", namespace, "creds")
+    pods = kube.list(RESOURCES["Pod"], namespace, "kubeforge.dev/job-name=creds")
+    assert sorted(p["metadata"]["name"] for p in pods) == ["creds-worker-0", "creds-worker-1"]
+    for p in pods:
+        assert p["spec"]["containers"][0]["envFrom"] == [
+            {"secretRef": {"name": "kubeforge-s3"}},
+            {"prefix": contract.MODEL_CREDENTIALS_PREFIX, "secretRef": {"name": "hub-models"}},
+            {"prefix": contract.DATA_CREDENTIALS_PREFIX, "secretRef": {"name": "corpora"}},
+        ]

@@ -206,16 +206,21 @@ def test_stream_reads_compressed_objects_and_resumes_inside_them(s3_client: Any,
     assert bytes(x if x < 256 else ord("|") for x in t.next_sequence()).decode() == "one|two|"
 
 
-def test_model_is_read_with_its_own_credentials(s3_env: dict[str, str], bucket: str) -> None:
-    """model.secretRef's keys (prefixed in the pod's env) sign the model reads; the checkpoint client stays
-    with the plain AWS_* keys. The Authorization header of a real request to the S3 server shows which."""
-    from kubeforge.runtime.pretrain import model_client
+@pytest.mark.parametrize("prefix", [contract.MODEL_CREDENTIALS_PREFIX, contract.DATA_CREDENTIALS_PREFIX])
+def test_model_and_data_are_read_with_their_own_credentials(s3_env: dict[str, str], bucket: str,
+                                                            prefix: str) -> None:
+    """model.secretRef's / data.secretRef's keys (prefixed in the pod's env) sign those reads; the checkpoint
+    client keeps the plain AWS_* keys. The Authorization header of a real request to the S3 server shows
+    which."""
+    from kubeforge.runtime.pretrain import scoped_client
 
     spec = SimpleNamespace(checkpoint=SimpleNamespace(endpoint=None))
     default = make_client()
-    assert model_client(spec, default, environ=dict(s3_env)) is default  # no model secret: one client
+    assert scoped_client(prefix, spec, default, environ=dict(s3_env)) is default  # no own secret: one client
+    other = next(p for p in (contract.MODEL_CREDENTIALS_PREFIX, contract.DATA_CREDENTIALS_PREFIX) if p != prefix)
+    assert scoped_client(prefix, spec, default, environ={
+        **s3_env, f"{other}AWS_ACCESS_KEY_ID": "x", f"{other}AWS_SECRET_ACCESS_KEY": "y"}) is default
 
-    prefix = contract.MODEL_CREDENTIALS_PREFIX
     environ = {**s3_env, f"{prefix}AWS_ACCESS_KEY_ID": "model-reader", f"{prefix}AWS_SECRET_ACCESS_KEY": "s"}
     signed: list[str] = []
 
@@ -223,14 +228,14 @@ def test_model_is_read_with_its_own_credentials(s3_env: dict[str, str], bucket: 
         signed.append(request.headers["Authorization"].decode() if isinstance(
             request.headers["Authorization"], bytes) else request.headers["Authorization"])
 
-    for client in (model_client(spec, default, environ=environ), default):
+    for client in (scoped_client(prefix, spec, default, environ=environ), default):
         assert client.meta.endpoint_url == s3_env["AWS_ENDPOINT_URL"]  # the model secret names no endpoint
         client.meta.events.register("before-send.s3.ListObjectsV2", record)
         client.list_objects_v2(Bucket=bucket)
     assert "Credential=model-reader/" in signed[0] and "Credential=testing/" in signed[1]
 
     environ[f"{prefix}AWS_ENDPOINT_URL"] = "http://models.example:9000"
-    assert model_client(spec, default, environ=environ).meta.endpoint_url == "http://models.example:9000"
+    assert scoped_client(prefix, spec, default, environ=environ).meta.endpoint_url == "http://models.example:9000"
 
 
 def test_stream_rejects_empty_data(s3_client: Any, bucket: str) -> None:

@@ -59,15 +59,21 @@ def gang(phase: str = "Running", attempt: int = 0) -> list[dict]:
     return [pod(0, phase, attempt), pod(1, phase, attempt)]
 
 
-@pytest.mark.parametrize(("model_secret", "expected"), [
-    (None, [{"secretRef": {"name": "kubeforge-s3"}}]),
-    ("kubeforge-s3", [{"secretRef": {"name": "kubeforge-s3"}}]),  # the same secret is not rendered twice
-    ("hub-models", [{"secretRef": {"name": "kubeforge-s3"}},
-                    {"prefix": contract.MODEL_CREDENTIALS_PREFIX, "secretRef": {"name": "hub-models"}}]),
+@pytest.mark.parametrize(("model_secret", "data_secret", "expected"), [
+    (None, None, [{"secretRef": {"name": "kubeforge-s3"}}]),
+    # the checkpoint Secret is not rendered twice
+    ("kubeforge-s3", "kubeforge-s3", [{"secretRef": {"name": "kubeforge-s3"}}]),
+    ("hub-models", None, [{"secretRef": {"name": "kubeforge-s3"}},
+                          {"prefix": contract.MODEL_CREDENTIALS_PREFIX, "secretRef": {"name": "hub-models"}}]),
+    ("hub-models", "corpora", [
+        {"secretRef": {"name": "kubeforge-s3"}},
+        {"prefix": contract.MODEL_CREDENTIALS_PREFIX, "secretRef": {"name": "hub-models"}},
+        {"prefix": contract.DATA_CREDENTIALS_PREFIX, "secretRef": {"name": "corpora"}}]),
 ])
-def test_model_credentials_reach_the_pods_apart_from_the_checkpoint_ones(model_secret, expected):
+def test_model_and_data_credentials_reach_the_pods_apart_from_the_checkpoint_ones(model_secret, data_secret,
+                                                                                  expected):
     c = ctx(job())
-    c.builder.model_secret_name = model_secret
+    c.builder.model_secret_name, c.builder.data_secret_name = model_secret, data_secret
     p = plan(c, Observed(), T0)
     for pod_ in (m for m in p.create if m["kind"] == "Pod"):
         assert pod_["spec"]["containers"][0]["envFrom"] == expected

@@ -70,6 +70,8 @@ class DataSource(ApiModel):
     """File format: plain text documents, or JSON lines with a text field."""
     text_field: str = Field(default="text", min_length=1, max_length=128)
     """Field of each JSON line holding the document text."""
+    secret_ref: SecretRef | None = None
+    """Secret (AWS_* keys) to read the data; default: checkpoint.secretRef."""
     shuffle_seed: int = Field(default=0, ge=0)
     """Seed for the file order shuffle; the same seed replays the same order on resume."""
 

@@ -185,6 +185,7 @@ class Reconciler:
             resolved_spec=self.resolved_spec(spec, source), secret_name=secret,
             s3_endpoint=spec.checkpoint.endpoint, python=self.settings.python,
             model_secret_name=spec.model.secret_ref.name if spec.model.secret_ref else None,
+            data_secret_name=spec.data.secret_ref.name if spec.data.secret_ref else None,
         )
         observed = Observed(pods=self.kube.list(RESOURCES["Pod"], ns, selector(obj)), source=source)
         version = "v1beta2"

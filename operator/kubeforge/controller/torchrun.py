@@ -49,6 +49,7 @@ class TorchrunGang:
     s3_endpoint: str | None
     python: str = "python"
     model_secret_name: str | None = None  # model.secretRef, when it is not secret_name
+    data_secret_name: str | None = None  # data.secretRef, likewise
 
     @property
     def name(self) -> str:
@@ -103,9 +104,10 @@ class TorchrunGang:
         port = master_port(self.obj["metadata"]["uid"])
         master = f"{child_name(self.name, ROLE, 0)}.{self.name}.{self.namespace}.svc"
         env, env_from = s3_env(self.secret_name, self.s3_endpoint)
-        if self.model_secret_name and self.model_secret_name != self.secret_name:
-            env_from.append({"prefix": contract.MODEL_CREDENTIALS_PREFIX,
-                             "secretRef": {"name": self.model_secret_name}})
+        for prefix, name in ((contract.MODEL_CREDENTIALS_PREFIX, self.model_secret_name),
+                             (contract.DATA_CREDENTIALS_PREFIX, self.data_secret_name)):
+            if name and name != self.secret_name:
+                env_from.append({"prefix": prefix, "secretRef": {"name": name}})
         gang_labels, gang_annotations, scheduler = gang.pod_fields(self.obj, gang_backend)
         meta = metadata(
             self.obj, child_name(self.name, ROLE, rank), ROLE,

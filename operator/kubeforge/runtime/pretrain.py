@@ -136,12 +136,13 @@ def fetch_dir(client: Any, uri: str, local: Path, denv: kdist.DistEnv, what: str
     return local
 
 
-def model_client(spec: PretrainJobSpec, default: Any, environ: Mapping[str, str] | None = None) -> Any:
-    """The S3 client that reads the model and tokenizer: model.secretRef's credentials when the operator
-    rendered them apart (under contract.MODEL_CREDENTIALS_PREFIX), else the checkpoint client. The model's
-    endpoint is its secret's AWS_ENDPOINT_URL, else the checkpoint store's."""
+def scoped_client(prefix: str, spec: PretrainJobSpec, default: Any,
+                  environ: Mapping[str, str] | None = None) -> Any:
+    """The S3 client for what a secretRef other than checkpoint.secretRef reads (the model and tokenizer:
+    contract.MODEL_CREDENTIALS_PREFIX; the data: DATA_CREDENTIALS_PREFIX): that Secret's keys, rendered
+    under the prefix, else the checkpoint client. The endpoint is that Secret's AWS_ENDPOINT_URL, else the
+    checkpoint store's."""
     environ = os.environ if environ is None else environ
-    prefix = contract.MODEL_CREDENTIALS_PREFIX
     env = {k[len(prefix):]: v for k, v in environ.items() if k.startswith(prefix)}
     if not (env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY")):
         return default
@@ -220,7 +221,7 @@ def run(job: dict[str, Any], spec: PretrainJobSpec, stop: StopFlag) -> dict[str,
              tplan.tokens_per_step, tplan.grad_accum)
 
     # model and tokenizer
-    mclient = model_client(spec, client)
+    mclient = scoped_client(contract.MODEL_CREDENTIALS_PREFIX, spec, client)
     model, model_dir = load_model(spec, mclient, workdir, denv, seed)
     tokenizer = load_tokenizer(spec, mclient, workdir, denv, model_dir)
     vocab = int(model.config.vocab_size)
@@ -236,7 +237,8 @@ def run(job: dict[str, Any], spec: PretrainJobSpec, stop: StopFlag) -> dict[str,
     scheduler = build_scheduler(optimizer, spec.optimizer, tplan.total_steps)
 
     # data
-    stream = PackedStream(S3Objects(client, spec.data.uri), tokenizer_fn(tokenizer), int(eos_id),
+    dclient = scoped_client(contract.DATA_CREDENTIALS_PREFIX, spec, client)
+    stream = PackedStream(S3Objects(dclient, spec.data.uri), tokenizer_fn(tokenizer), int(eos_id),
                           tplan.seq_len, denv.rank, denv.world_size, spec.data.shuffle_seed, spec.data.format,
                           spec.data.text_field)
 
