@@ -83,9 +83,6 @@ class S3Objects:
                 time.sleep(min(10.0, 0.5 * 2 ** failures))
 
 
-COMPRESSED_SUFFIXES = (".gz", ".zst")
-
-
 def _gunzip(chunks: Iterable[bytes]) -> Iterator[bytes]:
     """Decompress gzip data, including concatenated members (pigz, bgzip, appended files)."""
     d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
@@ -115,13 +112,8 @@ def _unzstd(chunks: Iterable[bytes]) -> Iterator[bytes]:
             yield out
 
 
-def decompressed(key: str, chunks: Iterable[bytes]) -> Iterable[bytes]:
-    """The object's bytes, decompressed by its suffix (.gz, .zst); other objects are passed through."""
-    if key.endswith(".gz"):
-        return _gunzip(chunks)
-    if key.endswith(".zst"):
-        return _unzstd(chunks)
-    return chunks
+# object name suffix -> streaming decompressor
+DECOMPRESSORS: dict[str, Callable[[Iterable[bytes]], Iterator[bytes]]] = {".gz": _gunzip, ".zst": _unzstd}
 
 
 def _skip(blocks: Iterable[bytes], n: int) -> Iterator[bytes]:
@@ -205,8 +197,9 @@ class PackedStream:
     def _records(self, key: str, size: int, offset: int) -> Iterator[tuple[str | None, int]]:
         """(document text or None for an unusable record, offset after the record) from `offset` on; offsets
         of compressed objects count decompressed bytes."""
-        if key.endswith(COMPRESSED_SUFFIXES):
-            lines = _lines(_skip(decompressed(key, self.source.read(key, 0, size)), offset), offset)
+        decompress = next((f for suffix, f in DECOMPRESSORS.items() if key.endswith(suffix)), None)
+        if decompress is not None:
+            lines = _lines(_skip(decompress(self.source.read(key, 0, size)), offset), offset)
         else:
             lines = _lines(self.source.read(key, offset, size), offset)
         if self.fmt == "jsonl":

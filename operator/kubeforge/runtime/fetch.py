@@ -98,13 +98,12 @@ def fetch(uri: str, dest: str | os.PathLike[str], client: Any = None, concurrenc
 
 def write_builtin_tokenizer(name: str, dest: str | os.PathLike[str]) -> None:
     """Write a tokenizer shipped with kubeforge as a Hugging Face tokenizer directory."""
-    from .tinymodel import byte_tokenizer
+    from .tinymodel import BUILTIN_TOKENIZERS
 
-    builtins = {"byte": byte_tokenizer}
-    if name not in builtins:
-        raise FetchError(f"unknown built-in tokenizer {name!r} (known: {', '.join(sorted(builtins))})")
+    if name not in BUILTIN_TOKENIZERS:
+        raise FetchError(f"unknown built-in tokenizer {name!r} (known: {', '.join(sorted(BUILTIN_TOKENIZERS))})")
     try:
-        builtins[name]().save_pretrained(str(dest))
+        BUILTIN_TOKENIZERS[name]().save_pretrained(str(dest))
     except OSError as e:
         raise FetchError(f"cannot write built-in tokenizer {name} to {dest}: {e}") from e
 

@@ -155,11 +155,11 @@ def load_tokenizer(spec: PretrainJobSpec, client: Any, workdir: Path, denv: kdis
                    model_dir: Path | None) -> Any:
     from transformers import AutoTokenizer
 
-    from .tinymodel import byte_tokenizer
+    from .tinymodel import BUILTIN_TOKENIZERS
 
     tok = spec.model.tokenizer
-    if tok is not None and tok.builtin == "byte":
-        return byte_tokenizer()
+    if tok is not None and tok.builtin is not None:
+        return BUILTIN_TOKENIZERS[tok.builtin]()
     if tok is not None and tok.uri:
         local = fetch_dir(client, tok.uri, workdir / "tokenizer", denv, "spec.model.tokenizer.uri")
         return AutoTokenizer.from_pretrained(str(local))

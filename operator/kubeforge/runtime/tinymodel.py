@@ -6,6 +6,7 @@ loads with `AutoTokenizer` like any other, and a model exported with it is a nor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,10 @@ def tiny_llama_config(**overrides: Any) -> dict[str, Any]:
     }
     cfg.update(overrides)
     return cfg
+
+
+# model.tokenizer.builtin -> factory (the API's Literal lists the same names)
+BUILTIN_TOKENIZERS: dict[str, Callable[[], Any]] = {"byte": byte_tokenizer}
 
 
 def build_model(config: dict[str, Any], seed: int = 0) -> Any:
