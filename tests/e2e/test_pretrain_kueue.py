@@ -17,15 +17,13 @@ from kubeforge.devcluster.testing import ClusterHandle
 from .conftest import REPO, Jobs, Operator, example, wait
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("dev_cluster_only")]
-KUEUE_CRDS = REPO.parent / "shared" / "kueue-crds"
+KUEUE_CRDS = REPO / "tests" / "e2e" / "kueue-crds"  # vendored, see its README
 KIND = "PretrainJob"
 FLAVOR = "cpu-flavor"
 
 
 @pytest.fixture(scope="module")
 def kueue_crds(cluster: ClusterHandle) -> str:
-    if not KUEUE_CRDS.is_dir():
-        pytest.skip(f"Kueue's CRDs are not beside the repository ({KUEUE_CRDS})")
     install_crd_files(cluster.api_client(), sorted(KUEUE_CRDS.glob("*.yaml")))
     kube = Jobs(cluster, "default").kube
     wait(lambda: kube.served("kueue.x-k8s.io", "v1beta2"), 60, "Kueue's API to be served")
