@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from builders import context_extension_job, pretrain_job, with_
 from kubeforge.controller.kube import RESOURCES, Kube
@@ -79,7 +82,16 @@ def test_model_and_data_secrets_reach_the_gang_under_their_prefixes(reconciler, 
     obj["spec"]["model"]["secretRef"] = {"name": "hub-models"}
     obj["spec"]["data"]["secretRef"] = {"name": "corpora"}
     kube.create(obj)
-    reconciler.reconcile("PretrainJob", namespace, "creds")
+    # the API server refuses pods of the job's new ServiceAccount until its token exists (500, Retry-After:
+    # "No API token found"); the operator retries the reconcile, and so does this test
+    for _ in range(30):
+        try:
+            reconciler.reconcile("PretrainJob", namespace, "creds")
+            break
+        except ApiException as e:
+            if e.status != 500 or "No API token found" not in str(e.body):
+                raise
+            time.sleep(1)
     pods = kube.list(RESOURCES["Pod"], namespace, "kubeforge.dev/job-name=creds")
     assert sorted(p["metadata"]["name"] for p in pods) == ["creds-worker-0", "creds-worker-1"]
     for p in pods:
