@@ -11,8 +11,8 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-# torch is pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build); constraints.txt pins the
-# rest so installs are reproducible and the resolver never backtracks.
+# torch is pinned to PyPI's build (the CUDA one: several GB, runs on CPU; pip's wheel cache keeps it after the
+# first install); constraints.txt pins the rest so installs are reproducible and the resolver never backtracks.
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need python3 >= 3.11 (apt-get install python3 python3-venv)"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -34,7 +34,7 @@ def model_dir(tmp_path_factory):
 def drain_engine(model_dir, tmp_path_factory):
     """An engine in its own process for the SIGTERM test, started first so its start-up overlaps the tests."""
     log = tmp_path_factory.mktemp("drain") / "engine.log"
-    proc = engine_proc(model_dir, extra=["--drain-timeout", "20"], log_path=str(log))
+    proc = engine_proc(model_dir, extra=["--drain-timeout", "60"], log_path=str(log))
     yield proc
     proc.stop()
 
@@ -305,9 +305,20 @@ def test_queue_and_concurrency(engines, reference):
 
 
 def test_sigterm_drains_in_flight_then_exits(drain_engine):
-    """Scale-down: SIGTERM refuses new work (readiness 503) but finishes the streams already running."""
+    """Scale-down: SIGTERM refuses new work (readiness 503) but finishes the streams already running and keeps
+    serving the KV caches that decode engines have yet to fetch; it exits once both are done.
+
+    The prefill leg's KV cache, held until the test fetches it, is what keeps the engine up while the test
+    looks at it: the test never relies on a stream outlasting a fixed sleep."""
     eng = drain_engine.wait()
     try:
+        held = httpx.post(
+            eng.url + "/v1/completions",
+            json={"prompt": PROMPT, "max_tokens": 1, "temperature": 0, "kv_transfer_params": PREFILL_PARAMS},
+            timeout=30,
+        )
+        assert held.status_code == 200, held.text
+        kv = held.json()["kv_transfer_params"]
         body = {
             "prompt": PROMPT,
             "max_tokens": 300,
@@ -321,14 +332,20 @@ def test_sigterm_drains_in_flight_then_exits(drain_engine):
             first = next(line for line in lines if line.startswith("data: "))
             assert first
             eng.signal(signal.SIGTERM)
-            time.sleep(0.2)
-            assert httpx.get(eng.url + "/v1/models").status_code == 503  # readiness fails at once
+            deadline = time.monotonic() + 15
+            while httpx.get(eng.url + "/v1/models").status_code != 503:  # readiness flips on the signal
+                assert time.monotonic() < deadline, "readiness never failed after SIGTERM"
+                time.sleep(0.02)
             assert httpx.post(eng.url + "/v1/completions", json={"prompt": "x"}).status_code == 503
             assert httpx.get(eng.url + "/health").status_code == 200  # liveness holds
             rest = [line for line in lines if line.startswith("data: ")]
         assert rest[-1] == "data: [DONE]"
         assert json.loads(rest[-2][6:])["usage"]["completion_tokens"] == 300  # every token arrived
         assert json.loads(rest[-3][6:])["choices"][0]["finish_reason"] == "length"
+        # Still draining: the KV cache a decode engine would fetch is served, and only then does it exit.
+        assert eng.proc.poll() is None
+        fetched = httpx.get(f"{eng.url}/kv/{kv['remote_block_ids'][0]}", timeout=30)
+        assert fetched.status_code == 200 and len(fetched.content) > 0
         assert eng.proc.wait(15) == 0
     finally:
         eng.stop()
