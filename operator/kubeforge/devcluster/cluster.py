@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from . import assets
-from .pki import ensure_pki
+from .pki import ensure_pki, sign_serving_cert
 from .procs import proc_start_ticks
 
 # A loopback service range: every ClusterIP is an address this machine owns, so the node agent's userspace
@@ -256,7 +256,8 @@ class DevCluster:
             names = ["etcd", "etcd_peer", "apiserver", "controller_manager", "scheduler", "nodeagent", "s3",
                      "s3_console"]
             self.state["ports"] = dict(zip(names, free_ports(len(names))))
-        kueue_ports = [n for n in ("kueue_webhook", "kueue_health", "kueue_metrics") if n not in self.state["ports"]]
+        kueue_ports = [n for n in ("kueue_webhook", "kueue_health", "kueue_metrics", "kubelet")
+                       if n not in self.state["ports"]]
         if kueue_ports:
             self.state["ports"].update(zip(kueue_ports, free_ports(len(kueue_ports))))
         if not self.s3:
@@ -316,6 +317,10 @@ class DevCluster:
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
                 f"--service-account-issuer={ISSUER}", f"--api-audiences={ISSUER}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
+                # kubectl logs: the API server calls the node agent's kubelet API over TLS (see nodeagent.py).
+                f"--kubelet-certificate-authority={pki / 'ca.crt'}",
+                f"--kubelet-client-certificate={pki / 'admin.crt'}", f"--kubelet-client-key={pki / 'admin.key'}",
+                "--kubelet-preferred-address-types=InternalIP",
                 "--authorization-mode=RBAC", "--allow-privileged=true",
                 "--enable-priority-and-fairness=false", "--profiling=false", "--v=1",
             ], health=checks["kube-apiserver"], start_timeout=90),
@@ -358,6 +363,7 @@ class DevCluster:
             f"--nodes={nodes}", f"--gpus-per-node={gpus}", f"--cpus-per-node={cpus}",
             f"--memory-per-node={memory}", f"--health-port={p['nodeagent']}",
             "--apiserver-host=127.0.0.1", f"--apiserver-port={p['apiserver']}",
+            f"--kubelet-port={p['kubelet']}", f"--kubelet-cert-dir={pki / 'kubelet'}",
         ], env=self._pkg_env(), health=checks["nodeagent"], start_timeout=60))
         return comps
 
@@ -399,6 +405,10 @@ class DevCluster:
         prev = (self.state.get("nodes"), self.state.get("gpus_per_node"))
         self._init_state(nodes, gpus_per_node)
         ensure_pki(self.pki, SERVICE_IP)
+        if not (self.pki / "kubelet" / "ca.crt").exists():  # the node agent's kubelet API serving cert
+            sign_serving_cert(self.pki, self.pki / "kubelet", ["localhost"] + [f"kubeforge-node-{i}" for i in
+                                                                               range(nodes)], ["127.0.0.1"])
+            shutil.copy(self.pki / "ca.crt", self.pki / "kubelet" / "ca.crt")
         self._write_kubeconfig()
         comps = self._components(bins, nodes, gpus_per_node, cpus_per_node, memory_per_node)
         if prev != (nodes, gpus_per_node) and prev != (None, None):
@@ -580,8 +590,8 @@ class DevCluster:
         return h.hexdigest()
 
     def install_crds(self, crd_dir: Path | None = None) -> list[str]:
-        """Create-or-replace every CRD in crds/*.yaml with the Python client (see README of kueue-crds: the
-        create avoids kubectl's last-applied annotation, which large CRDs overflow)."""
+        """Create-or-replace every CRD in crds/*.yaml with the Python client (create avoids kubectl's
+        last-applied annotation, which large CRDs overflow)."""
         root = repo_root()
         crd_dir = crd_dir or (root / "crds" if root else None)
         if crd_dir is None or not crd_dir.is_dir():
