@@ -40,11 +40,18 @@ class PrinterColumn:
 
 @dataclass(frozen=True)
 class CelRule:
-    """An x-kubernetes-validations rule at a path of the spec schema ("" is spec itself)."""
+    """An x-kubernetes-validations rule at a path of the spec schema ("" is spec itself, "stages[]" a list's
+    items, "/" the whole object, where metadata.name, status and oldSelf's status can be read).
+
+    field_path (a JSON path relative to `path`, e.g. ".training.seqLen") is the field the server names in
+    its error, so it matches validate()'s; message_expression builds the message from the values.
+    """
 
     path: str
     rule: str
     message: str
+    field_path: str = ""
+    message_expression: str = ""
 
 
 @dataclass(frozen=True)
