@@ -133,7 +133,8 @@ def _gpu_rules(prefix: str) -> tuple[CelRule, ...]:
             "!('nvidia.com/gpu' in self.limits) || "
             "string(self.requests['nvidia.com/gpu']) == string(self.limits['nvidia.com/gpu'])",
             "must equal requests[nvidia.com/gpu]; GPUs cannot be overcommitted",
-            field_path=".limits['nvidia.com/gpu']",        ),
+            field_path=".limits['nvidia.com/gpu']",
+        ),
     )
 
 
@@ -234,13 +235,15 @@ def _pool_rules(name: str) -> tuple[CelRule, ...]:
             "self.autoscaling.minReplicas > self.autoscaling.maxReplicas || "
             "(self.replicas >= self.autoscaling.minReplicas && self.replicas <= self.autoscaling.maxReplicas)",
             "must be between autoscaling.minReplicas and maxReplicas",
-            field_path=".replicas",        ),
+            field_path=".replicas",
+        ),
         CelRule(
             "",
             f"!has({pool}) || self.engine != 'vllm' || "
             f"!{_has_gpus(pool)} || int({_gpu_quantity(pool)}) == {pool}.tensorParallel",
             "must equal tensorParallel: one GPU per rank",
-            field_path=f".{name}.requests['nvidia.com/gpu']",        ),
+            field_path=f".{name}.requests['nvidia.com/gpu']",
+        ),
         CelRule(
             "",
             f"!has({pool}) || self.engine != 'reference' || {pool}.tensorParallel == 1",
@@ -278,13 +281,15 @@ KINDS: tuple[Kind, ...] = (
                 "",
                 f"self.training.globalBatchSize % (self.training.microBatchSize * {WORLD}) == 0",
                 "must be a multiple of microBatchSize x numNodes x processesPerNode",
-                field_path=".training.globalBatchSize",            ),
+                field_path=".training.globalBatchSize",
+            ),
             CelRule(
                 "",
                 "!has(self.model.config) || !has(self.model.config.max_position_embeddings) || "
                 "double(self.training.seqLen) <= self.model.config.max_position_embeddings",
                 "exceeds model.config.max_position_embeddings",
-                field_path=".training.seqLen",            ),
+                field_path=".training.seqLen",
+            ),
         ),
     ),
     Kind(
@@ -318,22 +323,26 @@ KINDS: tuple[Kind, ...] = (
                 "!has(self.sequenceParallel) || self.sequenceParallel.impl == 'zigzag' || "
                 "self.stages.all(s, s.seqLen % self.sequenceParallel.degree == 0)",
                 "every stage's seqLen must be a multiple of sequenceParallel.degree",
-                field_path=".stages",            ),
+                field_path=".stages",
+            ),
             CelRule(
                 "",
                 f"!has(self.sequenceParallel) || {WORLD} % self.sequenceParallel.degree == 0",
                 "must divide numNodes x processesPerNode",
-                field_path=".sequenceParallel.degree",            ),
+                field_path=".sequenceParallel.degree",
+            ),
             CelRule(
                 "sequenceParallel",
                 "self.impl != 'ulysses' || !has(self.numAttentionHeads) || self.numAttentionHeads % self.degree == 0",
                 "ulysses splits attention heads: must divide numAttentionHeads",
-                field_path=".degree",            ),
+                field_path=".degree",
+            ),
             CelRule(
                 "stages[]",
                 "self.batchTokens % self.seqLen == 0",
                 "must be a multiple of seqLen",
-                field_path=".batchTokens",            ),
+                field_path=".batchTokens",
+            ),
             CelRule(
                 "stages[]",
                 "!has(self.ropeTheta) || type(self.ropeTheta) == int || self.ropeTheta == 'auto'",
@@ -351,13 +360,15 @@ KINDS: tuple[Kind, ...] = (
                 "!has(self.eval) || !has(self.eval.needle) || !has(self.eval.needle.lengths) || "
                 f"self.eval.needle.lengths.all(n, n <= {LAST_SEQ_LEN})",
                 "must not exceed the last stage's seqLen",
-                field_path=".eval.needle.lengths",            ),
+                field_path=".eval.needle.lengths",
+            ),
             CelRule(
                 "",
                 "!has(self.eval) || !has(self.eval.perplexityLengths) || "
                 f"self.eval.perplexityLengths.all(n, n <= {LAST_SEQ_LEN})",
                 "must not exceed the last stage's seqLen",
-                field_path=".eval.perplexityLengths",            ),
+                field_path=".eval.perplexityLengths",
+            ),
             CelRule(
                 "eval.needle",
                 "!has(self.depths) || self.depths.all(d, d >= 0.0 && d <= 1.0)",
@@ -406,7 +417,8 @@ KINDS: tuple[Kind, ...] = (
                 "algorithm",
                 "!has(self.clipRangeHigh) || self.clipRangeHigh >= self.clipRange",
                 "must be >= clipRange",
-                field_path=".clipRangeHigh",            ),
+                field_path=".clipRangeHigh",
+            ),
             CelRule(
                 "",
                 "(has(self.rollout) && self.rollout.engine != 'vllm') || "
