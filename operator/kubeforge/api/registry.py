@@ -196,7 +196,7 @@ def _job_rules(kind: str) -> tuple[CelRule, ...]:
     frozen = tuple(
         CelRule(
             "/",
-            "!has(oldSelf.status) || !has(oldSelf.status.phase) || !(oldSelf.status.phase in " + RUNNING + ") || "
+            f"!has(oldSelf.status) || !has(oldSelf.status.phase) || !(oldSelf.status.phase in {RUNNING}) || "
             f"(has(self.spec.resources) ? self.spec.resources.{f} : 1) == "
             f"(has(oldSelf.spec.resources) ? oldSelf.spec.resources.{f} : 1)",
             "cannot change while the job is running; suspend it first",
