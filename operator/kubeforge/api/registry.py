@@ -134,8 +134,19 @@ def _gpu_rules(prefix: str) -> tuple[CelRule, ...]:
             "string(self.requests['nvidia.com/gpu']) == string(self.limits['nvidia.com/gpu'])",
             "must equal requests[nvidia.com/gpu]; GPUs cannot be overcommitted",
             field_path=".limits['nvidia.com/gpu']",
+            message_expression=_fmt(
+                "must equal requests[nvidia.com/gpu] (%s); GPUs cannot be overcommitted",
+                "string(self.requests['nvidia.com/gpu'])",
+            ),
         ),
     )
+
+
+def _fmt(text: str, *args: str) -> str:
+    """A messageExpression: `text` with its %d/%s filled from the CEL `args`. format(), because CEL's cost
+    estimator prices string(number) + '...' as an unbounded string and the server refuses the CRD."""
+    quoted = text.replace("'", "\\'")
+    return f"'{quoted}'.format([{', '.join(args)}])"
 
 
 def _gpu_quantity(t: str) -> str:
@@ -222,6 +233,7 @@ def _pool_rules(name: str) -> tuple[CelRule, ...]:
             "self.minReplicas <= self.maxReplicas",
             "must be <= maxReplicas",
             field_path=".minReplicas",
+            message_expression=_fmt("must be <= maxReplicas (%d)", "self.maxReplicas"),
         ),
         CelRule(
             f"{name}.autoscaling",
@@ -236,6 +248,11 @@ def _pool_rules(name: str) -> tuple[CelRule, ...]:
             "(self.replicas >= self.autoscaling.minReplicas && self.replicas <= self.autoscaling.maxReplicas)",
             "must be between autoscaling.minReplicas and maxReplicas",
             field_path=".replicas",
+            message_expression=_fmt(
+                "must be between autoscaling.minReplicas (%d) and maxReplicas (%d)",
+                "self.autoscaling.minReplicas",
+                "self.autoscaling.maxReplicas",
+            ),
         ),
         CelRule(
             "",
@@ -243,6 +260,9 @@ def _pool_rules(name: str) -> tuple[CelRule, ...]:
             f"!{_has_gpus(pool)} || int({_gpu_quantity(pool)}) == {pool}.tensorParallel",
             "must equal tensorParallel: one GPU per rank",
             field_path=f".{name}.requests['nvidia.com/gpu']",
+            message_expression=_fmt(
+                "must equal tensorParallel (%d): one GPU per rank", f"{pool}.tensorParallel"
+            ),
         ),
         CelRule(
             "",
@@ -282,6 +302,10 @@ KINDS: tuple[Kind, ...] = (
                 f"self.training.globalBatchSize % (self.training.microBatchSize * {WORLD}) == 0",
                 "must be a multiple of microBatchSize x numNodes x processesPerNode",
                 field_path=".training.globalBatchSize",
+                message_expression=_fmt(
+                    "must be a multiple of microBatchSize x numNodes x processesPerNode (%d)",
+                    f"self.training.microBatchSize * {WORLD}",
+                ),
             ),
             CelRule(
                 "",
@@ -289,6 +313,10 @@ KINDS: tuple[Kind, ...] = (
                 "double(self.training.seqLen) <= self.model.config.max_position_embeddings",
                 "exceeds model.config.max_position_embeddings",
                 field_path=".training.seqLen",
+                message_expression=_fmt(
+                    "exceeds model.config.max_position_embeddings (%s)",
+                    "self.model.config.max_position_embeddings",
+                ),
             ),
         ),
     ),
@@ -315,6 +343,10 @@ KINDS: tuple[Kind, ...] = (
                 "self.stages.all(s, s.seqLen % (2 * self.sequenceParallel.degree) == 0)",
                 "zigzag needs every stage's seqLen divisible by 2 x sequenceParallel.degree",
                 field_path=".stages",
+                message_expression=_fmt(
+                    "zigzag needs every stage's seqLen divisible by 2 x sequenceParallel.degree (%d)",
+                    "2 * self.sequenceParallel.degree",
+                ),
             ),
             _no_config("ContextExtensionJob"),
             *_job_rules("ContextExtensionJob"),
@@ -324,24 +356,34 @@ KINDS: tuple[Kind, ...] = (
                 "self.stages.all(s, s.seqLen % self.sequenceParallel.degree == 0)",
                 "every stage's seqLen must be a multiple of sequenceParallel.degree",
                 field_path=".stages",
+                message_expression=_fmt(
+                    "every stage's seqLen must be a multiple of sequenceParallel.degree (%d)",
+                    "self.sequenceParallel.degree",
+                ),
             ),
             CelRule(
                 "",
                 f"!has(self.sequenceParallel) || {WORLD} % self.sequenceParallel.degree == 0",
                 "must divide numNodes x processesPerNode",
                 field_path=".sequenceParallel.degree",
+                message_expression=_fmt("must divide numNodes x processesPerNode (%d)", WORLD),
             ),
             CelRule(
                 "sequenceParallel",
                 "self.impl != 'ulysses' || !has(self.numAttentionHeads) || self.numAttentionHeads % self.degree == 0",
                 "ulysses splits attention heads: must divide numAttentionHeads",
                 field_path=".degree",
+                message_expression=_fmt(
+                    "ulysses splits attention heads: must divide numAttentionHeads (%d)",
+                    "self.numAttentionHeads",
+                ),
             ),
             CelRule(
                 "stages[]",
                 "self.batchTokens % self.seqLen == 0",
                 "must be a multiple of seqLen",
                 field_path=".batchTokens",
+                message_expression=_fmt("must be a multiple of seqLen (%d)", "self.seqLen"),
             ),
             CelRule(
                 "stages[]",
@@ -361,6 +403,7 @@ KINDS: tuple[Kind, ...] = (
                 f"self.eval.needle.lengths.all(n, n <= {LAST_SEQ_LEN})",
                 "must not exceed the last stage's seqLen",
                 field_path=".eval.needle.lengths",
+                message_expression=_fmt("must not exceed the last stage's seqLen (%d)", LAST_SEQ_LEN),
             ),
             CelRule(
                 "",
@@ -368,6 +411,7 @@ KINDS: tuple[Kind, ...] = (
                 f"self.eval.perplexityLengths.all(n, n <= {LAST_SEQ_LEN})",
                 "must not exceed the last stage's seqLen",
                 field_path=".eval.perplexityLengths",
+                message_expression=_fmt("must not exceed the last stage's seqLen (%d)", LAST_SEQ_LEN),
             ),
             CelRule(
                 "eval.needle",
@@ -418,6 +462,7 @@ KINDS: tuple[Kind, ...] = (
                 "!has(self.clipRangeHigh) || self.clipRangeHigh >= self.clipRange",
                 "must be >= clipRange",
                 field_path=".clipRangeHigh",
+                message_expression=_fmt("must be >= clipRange (%s)", "self.clipRange"),
             ),
             CelRule(
                 "",
