@@ -96,6 +96,7 @@ def test_cel_rules_sit_where_they_apply():
     assert any("NixlConnector" in r["rule"] for r in infd["x-kubernetes-validations"])
     auto = infd["properties"]["decode"]["properties"]["autoscaling"]
     assert {"rule": "self.minReplicas <= self.maxReplicas", "message": "must be <= maxReplicas",
+            "messageExpression": "'must be <= maxReplicas (%d)'.format([self.maxReplicas])",
             "fieldPath": ".minReplicas"} in auto["x-kubernetes-validations"]
     # A rule that reads metadata.name or the stored status sits on the whole object and names its field.
     root_rules = by_kind["PretrainJob"]["x-kubernetes-validations"]
