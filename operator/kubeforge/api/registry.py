@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import combinations
 from typing import Any
 
 from pydantic import BaseModel
@@ -86,14 +87,31 @@ JOB_COLUMNS = (
     PrinterColumn("Output", ".status.output.uri", "string", "Finished model", priority=1),
 )
 
+
+def _fmt(text: str, *args: str) -> str:
+    """A messageExpression: `text` with its %d/%s filled from the CEL `args`. format(), because CEL's cost
+    estimator prices string(number) + '...' as an unbounded string and the server refuses the CRD."""
+    quoted = text.replace("'", "\\'")
+    return f"'{quoted}'.format([{', '.join(args)}])"
+
+
+def _exactly_one(path: str, *fields: str) -> CelRule:
+    count = " + ".join(f"(has(self.{f}) ? 1 : 0)" for f in fields)
+    # Which fields are set, as validate() words it: a ternary over literals (a list's join() is priced
+    # unbounded by the cost estimator). Pairs and triples only: the rule holds when exactly one is set.
+    got = "'none'"
+    for n in range(2, len(fields) + 1):  # the outermost test is the largest set
+        for subset in combinations(fields, n):
+            cond = " && ".join(f"has(self.{f})" for f in subset)
+            got = f"{cond} ? '{', '.join(subset)}' : {got}"
+    text = f"exactly one of {', '.join(fields)} must be set"
+    return CelRule(path, f"{count} == 1", text, message_expression=_fmt(text + " (got %s)", got))
+
+
 # Rules both the API server (CEL, v1.25+) and kubeforge.api.validation enforce. The Python validator is the
 # one every server runs (older API servers drop x-kubernetes-validations); tests keep the two in step.
 MODEL_RULES = (
-    CelRule(
-        "model",
-        "(has(self.uri) ? 1 : 0) + (has(self.from) ? 1 : 0) + (has(self.config) ? 1 : 0) == 1",
-        "exactly one of uri, from or config must be set",
-    ),
+    _exactly_one("model", "uri", "from", "config"),
     # Not `self == oldSelf`: CEL compares JSON numbers by type, so a replace that sends `rope_theta: 10000.0`
     # for the stored `10000` would be refused. The typed parts are compared here; model.config's contents
     # (free-form numbers) by validate(), which compares numbers by value.
@@ -105,11 +123,7 @@ MODEL_RULES = (
         "has(self.tokenizer) == has(oldSelf.tokenizer) && (!has(self.tokenizer) || self.tokenizer == oldSelf.tokenizer)",
         "is immutable",
     ),
-    CelRule(
-        "model.tokenizer",
-        "(has(self.uri) ? 1 : 0) + (has(self.builtin) ? 1 : 0) == 1",
-        "exactly one of uri or builtin must be set",
-    ),
+    _exactly_one("model.tokenizer", "uri", "builtin"),
 )
 GPU_MESSAGE = "GPUs are requested in whole numbers"
 
@@ -125,8 +139,16 @@ def _whole_gpus(field: str) -> str:
 def _gpu_rules(prefix: str) -> tuple[CelRule, ...]:
     # On the template, not the map: the server then names the key as validate() does (requests[nvidia.com/gpu]).
     return (
-        CelRule(prefix, _whole_gpus("requests"), GPU_MESSAGE, field_path=".requests['nvidia.com/gpu']"),
-        CelRule(prefix, _whole_gpus("limits"), GPU_MESSAGE, field_path=".limits['nvidia.com/gpu']"),
+        *(
+            CelRule(
+                prefix,
+                _whole_gpus(m),
+                GPU_MESSAGE,
+                field_path=f".{m}['nvidia.com/gpu']",
+                message_expression=_fmt(GPU_MESSAGE + " (got '%s')", f"string(self.{m}['nvidia.com/gpu'])"),
+            )
+            for m in ("requests", "limits")
+        ),
         CelRule(
             prefix,
             "!has(self.requests) || !has(self.limits) || !('nvidia.com/gpu' in self.requests) || "
@@ -142,13 +164,6 @@ def _gpu_rules(prefix: str) -> tuple[CelRule, ...]:
     )
 
 
-def _fmt(text: str, *args: str) -> str:
-    """A messageExpression: `text` with its %d/%s filled from the CEL `args`. format(), because CEL's cost
-    estimator prices string(number) + '...' as an unbounded string and the server refuses the CRD."""
-    quoted = text.replace("'", "\\'")
-    return f"'{quoted}'.format([{', '.join(args)}])"
-
-
 def _gpu_quantity(t: str) -> str:
     """CEL: the nvidia.com/gpu quantity (a string) one pod of template `t` asks for, '0' when none (as gpus())."""
     return (
@@ -160,11 +175,6 @@ def _gpu_quantity(t: str) -> str:
 def _has_gpus(t: str) -> str:
     """CEL: one pod of template `t` asks for at least one whole GPU."""
     return f"{_gpu_quantity(t)}.matches('^[0-9]*[1-9][0-9]*$')"
-
-
-def _exactly_one(path: str, *fields: str) -> CelRule:
-    count = " + ".join(f"(has(self.{f}) ? 1 : 0)" for f in fields)
-    return CelRule(path, f"{count} == 1", f"exactly one of {', '.join(fields)} must be set")
 
 
 def _no_config(kind: str) -> CelRule:
@@ -285,11 +295,7 @@ KINDS: tuple[Kind, ...] = (
         cel_rules=(
             *MODEL_RULES,
             *_gpu_rules("resources"),
-            CelRule(
-                "training",
-                "(has(self.totalSteps) ? 1 : 0) + (has(self.totalTokens) ? 1 : 0) == 1",
-                "exactly one of totalSteps or totalTokens must be set",
-            ),
+            _exactly_one("training", "totalSteps", "totalTokens"),
             *_job_rules("PretrainJob"),
             CelRule(
                 "model.config",
@@ -390,6 +396,7 @@ KINDS: tuple[Kind, ...] = (
                 "!has(self.ropeTheta) || type(self.ropeTheta) == int || self.ropeTheta == 'auto'",
                 "must be an integer or one of 'auto'",
                 field_path=".ropeTheta",
+                message_expression=_fmt("must be an integer or one of 'auto' (got '%s')", "self.ropeTheta"),
             ),
             CelRule(
                 "stages[]",
@@ -403,7 +410,11 @@ KINDS: tuple[Kind, ...] = (
                 f"self.eval.needle.lengths.all(n, n <= {LAST_SEQ_LEN})",
                 "must not exceed the last stage's seqLen",
                 field_path=".eval.needle.lengths",
-                message_expression=_fmt("must not exceed the last stage's seqLen (%d)", LAST_SEQ_LEN),
+                message_expression=_fmt(
+                    "lengths %s exceed the last stage's seqLen (%d)",
+                    f"self.eval.needle.lengths.filter(n, n > {LAST_SEQ_LEN})",
+                    LAST_SEQ_LEN,
+                ),
             ),
             CelRule(
                 "",
@@ -411,7 +422,11 @@ KINDS: tuple[Kind, ...] = (
                 f"self.eval.perplexityLengths.all(n, n <= {LAST_SEQ_LEN})",
                 "must not exceed the last stage's seqLen",
                 field_path=".eval.perplexityLengths",
-                message_expression=_fmt("must not exceed the last stage's seqLen (%d)", LAST_SEQ_LEN),
+                message_expression=_fmt(
+                    "lengths %s exceed the last stage's seqLen (%d)",
+                    f"self.eval.perplexityLengths.filter(n, n > {LAST_SEQ_LEN})",
+                    LAST_SEQ_LEN,
+                ),
             ),
             CelRule(
                 "eval.needle",
@@ -432,11 +447,7 @@ KINDS: tuple[Kind, ...] = (
         cel_rules=(
             *MODEL_RULES,
             *_gpu_rules("resources"),
-            CelRule(
-                "reward",
-                "(has(self.verifiable) ? 1 : 0) + (has(self.model) ? 1 : 0) + (has(self.judge) ? 1 : 0) == 1",
-                "exactly one of verifiable, model or judge must be set",
-            ),
+            _exactly_one("reward", "verifiable", "model", "judge"),
             _no_config("RLJob"),
             *_job_rules("RLJob"),
             *_gpu_rules("rollout.resources"),
