@@ -948,9 +948,11 @@ def build_net_shim(out_dir: Path) -> Path | None:
 
 
 class IPAllocator:
-    """127.0.<10+node>.<2..254>: the whole 127/8 is loopback on Linux, so every pod can bind its own IP."""
+    """127.<slot>.<10+node>.<2..254>: the whole 127/8 is loopback on Linux, so every pod can bind its own IP;
+    `slot` keeps the pods of dev clusters running side by side apart."""
 
-    def __init__(self) -> None:
+    def __init__(self, slot: int = 0) -> None:
+        self.slot = slot
         self.lock = threading.Lock()
         self.by_uid: dict[str, str] = {}
         self.cursor: dict[int, int] = {}
@@ -960,7 +962,7 @@ class IPAllocator:
             if uid in self.by_uid:
                 return self.by_uid[uid]
             used = set(self.by_uid.values())
-            prefix = f"127.0.{10 + node}."
+            prefix = f"127.{self.slot}.{10 + node}."
             if want and want.startswith(prefix) and want not in used:
                 self.by_uid[uid] = want
                 return want
@@ -1071,7 +1073,7 @@ def dns_records(pods: list[dict[str, Any]], services: list[dict[str, Any]], api_
 
 class NodeAgent:
     def __init__(self, api: client.ApiClient, state_dir: Path, nodes: int, gpus_per_node: int,
-                 cpus: str, memory: str, apiserver: tuple[str, int]) -> None:
+                 cpus: str, memory: str, apiserver: tuple[str, int], net_slot: int = 0) -> None:
         self.api = api
         self.core = client.CoreV1Api(api)
         self.coord = client.CoordinationV1Api(api)
@@ -1083,7 +1085,7 @@ class NodeAgent:
         self.apiserver = apiserver
         self.kubelet_port: int | None = None
         self.hosts_file = state_dir / "hosts"
-        self.ips = IPAllocator()
+        self.ips = IPAllocator(net_slot)
         self.workers: dict[str, PodWorker] = {}
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -1104,7 +1106,8 @@ class NodeAgent:
                     "kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
                     "kubeforge.dev/dev-cluster": "true", "node.kubernetes.io/instance-type": "kubeforge-dev",
                 }},
-                "spec": {"podCIDR": f"127.0.{10 + i}.0/24", "podCIDRs": [f"127.0.{10 + i}.0/24"]},
+                "spec": {"podCIDR": f"127.{self.ips.slot}.{10 + i}.0/24",
+                         "podCIDRs": [f"127.{self.ips.slot}.{10 + i}.0/24"]},
             }
             try:
                 self.core.create_node(body)
@@ -1368,6 +1371,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--health-port", type=int, required=True)
     ap.add_argument("--apiserver-host", default="127.0.0.1")
     ap.add_argument("--apiserver-port", type=int, required=True)
+    ap.add_argument("--net-slot", type=int, default=0,
+                    help="pod IPs are 127.<slot>.<10+node>.x; the agent holds --net-slot-lock while it runs")
+    ap.add_argument("--net-slot-lock", type=Path, default=None)
     ap.add_argument("--kubelet-port", type=int, default=None,
                     help="serve the kubelet's containerLogs API over TLS on this port (kubectl logs)")
     ap.add_argument("--kubelet-cert-dir", type=Path, default=None,
@@ -1377,8 +1383,19 @@ def main(argv: list[str] | None = None) -> int:
     cfg = client.Configuration()
     config.load_kube_config(config_file=args.kubeconfig, client_configuration=cfg)
     cfg.connection_pool_maxsize = 64  # one watch per informer plus one connection per busy pod thread
+    if args.net_slot_lock is not None:  # held for the agent's life: no other dev cluster takes this slot
+        import fcntl
+
+        args.net_slot_lock.parent.mkdir(parents=True, exist_ok=True)
+        slot_file = open(args.net_slot_lock, "a")  # noqa: SIM115  kept open (and locked) until exit
+        try:
+            fcntl.flock(slot_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.error("network slot %d is taken by another dev cluster (%s)", args.net_slot, args.net_slot_lock)
+            return 1
     agent = NodeAgent(client.ApiClient(cfg), args.state_dir, args.nodes, args.gpus_per_node,
-                      args.cpus_per_node, args.memory_per_node, (args.apiserver_host, args.apiserver_port))
+                      args.cpus_per_node, args.memory_per_node, (args.apiserver_host, args.apiserver_port),
+                      args.net_slot)
 
     def on_signal(signum: int, frame: Any) -> None:
         agent.stop.set()
