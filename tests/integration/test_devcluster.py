@@ -8,8 +8,8 @@ Runs against $KUBECONFIG when set, else against a dev cluster the `cluster` fixt
 from __future__ import annotations
 
 import json
-import sys
 import re
+import sys
 import textwrap
 import time
 from pathlib import Path
