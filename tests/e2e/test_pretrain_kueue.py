@@ -96,6 +96,19 @@ def wl_condition(wl: dict[str, Any], type_: str) -> dict[str, Any]:
     return next((c for c in (wl.get("status") or {}).get("conditions") or [] if c["type"] == type_), {})
 
 
+def explain(jobs: Jobs, *names: str) -> str:
+    """What Kueue and the operator last said about these jobs, for a failure message."""
+    out = []
+    for n in names:
+        wl = workload(jobs, n)
+        conds = [(c["type"], c["status"], c.get("reason"), c.get("message", "")[:160])
+                 for c in (wl.get("status") or {}).get("conditions") or []]
+        out.append(f"{n}: job {jobs.status(KIND, n).get('phase')}/{jobs.status(KIND, n).get('message')}; "
+                   f"workload active={wl.get('spec', {}).get('active')} "
+                   f"admission={bool((wl.get('status') or {}).get('admission'))} conditions={conds}")
+    return "\n".join(out)
+
+
 def step(jobs: Jobs, name: str) -> int:
     return int((jobs.status(KIND, name).get("progress") or {}).get("step") or 0)
 
@@ -137,7 +150,10 @@ def test_real_kueue_quota_suspend_preemption_and_resume(operator: Operator, jobs
     wait(lambda: not jobs.pods("first"), 120, "the suspended gang to stop")
     wait(lambda: not (workload(jobs, "first").get("status") or {}).get("admission"), 60,
          "the suspended job's quota to be released")
-    wait(lambda: len(jobs.pods("second")) == 2, 120, "Kueue to admit the second job in the freed quota")
+    try:
+        wait(lambda: len(jobs.pods("second")) == 2, 240, "Kueue to admit the second job in the freed quota")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{explain(jobs, 'first', 'second')}") from None
     assert workload(jobs, "first")["spec"]["active"] is False
 
     # --- a higher-priority job preempts the second: eviction -> checkpoint -> re-admission -> resume
