@@ -193,6 +193,15 @@ def test_invalid_spec_exit_code_fails_at_once_without_restarts():
     assert "ptj-worker-0: data.uri holds no objects" in cond(p.status, "Failed").message
 
 
+def test_exit_78_takes_the_reason_the_runtime_wrote():
+    msg = json.dumps({"reason": "CheckpointsUnusable", "message": "every checkpoint was rejected"})
+    pods = [pod(0, "Failed", exit_code=contract.EXIT_INVALID_SPEC, message=msg), pod(1)]
+    p = plan(ctx(job(running_status())), Observed(pods=pods), T0)
+    assert p.status.phase == "Failed" and p.status.restarts == 0
+    assert cond(p.status, "Failed").reason == "CheckpointsUnusable"
+    assert cond(p.status, "Failed").message == "ptj-worker-0: every checkpoint was rejected"
+
+
 def test_eviction_restarts_without_spending_the_budget():
     pods = [pod(0, "Failed", reason="Evicted"), pod(1)]
     p = plan(ctx(job(running_status(restarts=3))), Observed(pods=pods), T0)

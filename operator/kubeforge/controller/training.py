@@ -337,8 +337,10 @@ class _Planner:
             s.gang_created_at = rfc3339(self.now)
         for p in sorted(cur, key=pods.index):
             if pods.phase(p) == "Failed" and pods.exit_code(p) == contract.EXIT_INVALID_SPEC:
-                msg = pods.termination_message(p) or "the runtime rejected the spec"
-                return self.finish(False, "InvalidSpec", f"{pods.name(p)}: {msg}")
+                report = pods.final_report(p) or {}
+                msg = str(report.get("message") or pods.termination_message(p) or "the runtime rejected the spec")
+                reason = str(report.get("reason") or "InvalidSpec")
+                return self.finish(False, reason, f"{pods.name(p)}: {msg}")
         for p in sorted(cur, key=pods.index):
             why = pods.disrupted(p) or ("deleted" if pods.deleting(p) else None)
             if why:

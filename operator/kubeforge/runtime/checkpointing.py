@@ -12,7 +12,11 @@ Save (every rank, same step):
    commit point. Then retention.
 
 Restore: rank 0 picks the newest committed checkpoint, each node's local rank 0 downloads it (sha256
-verified; on a mismatch the next older one is tried), and `dcp.load` reshards it into the current gang.
+verified; on a mismatch the step is rejected in the store and the next older one is tried), and `dcp.load`
+reshards it into the current gang. Restore never silently starts from step 0 over existing work: when the
+URI holds checkpoints (committed or rejected) and none loads it raises CheckpointsUnusable, and checkpoints
+written by another run (a re-created job with the same URI: another uid in the manifest's meta.run) are
+refused as an invalid spec.
 
 The commit protocol around DCP is kubeforge's own; DCP does the (re)sharding, s3transfer moves the bytes.
 """
@@ -38,6 +42,11 @@ log = logging.getLogger(__name__)
 
 ASYNC_ENV = "KUBEFORGE_ASYNC_CHECKPOINT"
 SHARD_RE = re.compile(r"^__(\d+)_\d+\.distcp$")
+
+
+class CheckpointsUnusable(StorageError):
+    """The checkpoint URI holds checkpoints, but none can be loaded: starting from step 0 would silently
+    throw the run's progress away (and retention would then delete the evidence), so the runtime stops."""
 
 
 def owner_rank(name: str) -> int:
@@ -235,30 +244,65 @@ class Checkpointer:
         return self.finalize()
 
     # ------------------------------------------------------------------------------------------ restore
+    def _candidates(self) -> dict[str, Any]:
+        """Rank 0: the committed steps to try, newest first, or the reason restore must not go on."""
+        committed = self.store.committed_checkpoints()
+        run = self.meta.get("run") or {}
+        foreign = [c for c in committed if run.get("uid") and (c.meta.get("run") or {}).get("uid")
+                   not in (None, run.get("uid"))]
+        if foreign:
+            other = foreign[-1].meta["run"]
+            return {"invalid": f"{self.store.uri} holds checkpoints of another run ({other.get('namespace')}/"
+                               f"{other.get('name')}, uid {other.get('uid')}); this job (uid {run.get('uid')}) "
+                               "will not resume from them: give it its own checkpoint.uri or delete them"}
+        rejected = self.store.rejected_steps()
+        if not committed and rejected:
+            return {"unusable": f"every checkpoint under {self.store.uri} was rejected (steps {rejected}); "
+                                "refusing to start over from step 0"}
+        return {"steps": [c.step for c in reversed(committed)]}
+
     def restore(self, app: AppState) -> dict[str, Any] | None:
-        """Collective: load the newest committed checkpoint into `app`; returns its train state or None."""
+        """Collective: load the newest loadable committed checkpoint into `app`; returns its train state, or
+        None when the URI holds no checkpoint at all."""
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
 
-        candidates: list[Any] = [None]
+        from .training import InvalidSpec
+
+        plan: list[Any] = [None]
         if self.denv.rank == 0:
-            candidates[0] = [c.step for c in reversed(self.store.committed_checkpoints())][:3]
-        dist.broadcast_object_list(candidates, src=0)
-        for step in candidates[0] or []:
+            plan[0] = self._candidates()
+        dist.broadcast_object_list(plan, src=0)
+        if "invalid" in plan[0]:
+            raise InvalidSpec(plan[0]["invalid"], "spec.checkpoint.uri")
+        if "unusable" in plan[0]:
+            raise CheckpointsUnusable(plan[0]["unusable"])
+        steps: list[int] = plan[0]["steps"]
+        for step in steps:
             local = self.workdir / "restore" / step_name(step)
-            ok: list[Any] = [True]
+            # None: loaded; ("corrupt", why): the bytes do not match the manifest; ("error", why): anything
+            # else (the store unreachable...), which a restart of the gang may cure
+            outcome: Any = None
             if self.denv.local_rank == 0:
                 shutil.rmtree(local, ignore_errors=True)
                 try:
                     ckpt = self.store.download(step, local)
                     if self.denv.rank == 0:
                         self.last = ckpt
-                except (CorruptCheckpoint, StorageError) as exc:
-                    log.warning("checkpoint step %d unusable (%s); trying an older one", step, exc)
-                    ok = [False]
+                except CorruptCheckpoint as exc:
+                    outcome = ("corrupt", str(exc))
+                except Exception as exc:  # noqa: BLE001 - every rank learns of it below
+                    outcome = ("error", f"{type(exc).__name__}: {exc}")
             gathered: list[Any] = [None] * self.denv.world_size
-            dist.all_gather_object(gathered, ok[0])
-            if not all(gathered):
+            dist.all_gather_object(gathered, outcome)
+            errors = [g[1] for g in gathered if g is not None and g[0] == "error"]
+            if errors:
+                raise StorageError(f"restoring checkpoint step {step} failed: {errors[0]}")
+            corrupt = [g[1] for g in gathered if g is not None]
+            if corrupt:
+                if self.denv.rank == 0:
+                    self.store.reject(step, corrupt[0])
+                log.warning("checkpoint step %d unusable (%s); trying an older one", step, corrupt[0])
                 continue
             dcp.load({"app": app}, checkpoint_id=str(local))
             dist.barrier()
@@ -272,6 +316,9 @@ class Checkpointer:
             self.last_ref = ref[0]
             log.info("resumed from checkpoint step %d", step)
             return app.train
+        if steps:
+            raise CheckpointsUnusable(f"none of the checkpoints under {self.store.uri} (steps {steps}) could be "
+                                      "loaded; they were rejected. Refusing to start over from step 0")
         return None
 
     last_ref: dict[str, Any] | None = None

@@ -4,7 +4,8 @@ Reads the resolved job from $KUBEFORGE_SPEC_FILE, resumes by itself from the new
 under spec.checkpoint.uri, trains, checkpoints every checkpoint.intervalSteps, and at the end exports the
 model in Hugging Face format to <checkpoint.uri>/final/.
 
-Exit codes (kubeforge.contract): 0 done; 78 the spec cannot run (reason in the termination message);
+Exit codes (kubeforge.contract): 0 done; 78 the job cannot run as specified (reason in the termination
+message: InvalidSpec, or CheckpointsUnusable when checkpoint.uri holds checkpoints none of which loads);
 143 stopped by SIGTERM after writing a checkpoint. Any other failure exits non-zero and the operator
 restarts the gang, which resumes from the newest committed checkpoint.
 
@@ -31,7 +32,7 @@ from ..api.kinds import PretrainJobSpec
 from ..storage import CheckpointStore, StorageError, make_client
 from ..storage import s3 as s3mod
 from . import dist as kdist
-from .checkpointing import AppState, Checkpointer, rng_state, set_rng_state
+from .checkpointing import AppState, Checkpointer, CheckpointsUnusable, rng_state, set_rng_state
 from .data import PackedStream, Prefetcher, S3Objects
 from .report import Progress, Reporter, now_rfc3339, sink_from_env, write_termination_message
 from .training import InvalidSpec, TrainPlan, build_optimizer, build_scheduler, causal_lm_loss, plan
@@ -244,8 +245,10 @@ def run(job: dict[str, Any], spec: PretrainJobSpec, stop: StopFlag) -> dict[str,
 
     # resume
     app = AppState(model, optimizer, scheduler)
+    meta = job.get("metadata") or {}
+    run_identity = {k: meta.get(k) for k in ("namespace", "name", "uid")}  # refuses another run's checkpoints
     ckpt = Checkpointer(store, workdir, denv, choice, spec.checkpoint.keep,
-                        meta={"job": (job.get("metadata") or {}).get("name"), "totalSteps": tplan.total_steps})
+                        meta={"job": meta.get("name"), "run": run_identity, "totalSteps": tplan.total_steps})
     step, tokens, loss_value = 0, 0, None
     train = ckpt.restore(app)
     if train:
@@ -387,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidSpec as exc:
         log.error("invalid spec: %s", exc)
         write_termination_message({"reason": "InvalidSpec", "message": str(exc), "field": exc.field})
+        code = contract.EXIT_INVALID_SPEC
+    except CheckpointsUnusable as exc:  # restarting cannot help, and starting over would lose the run
+        log.error("%s", exc)
+        write_termination_message({"reason": "CheckpointsUnusable", "message": str(exc),
+                                   "field": "spec.checkpoint.uri"})
         code = contract.EXIT_INVALID_SPEC
     except Preempted as exc:
         log.warning("%s; exiting with %d", exc, contract.EXIT_PREEMPTED)
