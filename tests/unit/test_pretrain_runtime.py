@@ -111,6 +111,13 @@ def test_reporter_rate_limits_and_survives_failures(tmp_path: Path) -> None:
     write_termination_message({"x": 1}, {contract.ENV_TERMINATION_LOG: "/proc/definitely/not/writable"})
 
 
+def test_a_non_finite_loss_is_reported_as_json_the_api_server_accepts(tmp_path: Path) -> None:
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        payload = Progress(step=3, total_steps=10, tokens=30, loss=bad, tokens_per_second=bad).to_json()
+        json.dumps(payload, allow_nan=False)  # a bare NaN makes the pod patch a 400
+        assert payload["loss"] is None and payload["lossNonFinite"] == str(bad)
+
+
 # ------------------------------------------------------------------------------------------ data stream
 
 

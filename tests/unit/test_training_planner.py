@@ -262,6 +262,16 @@ def test_progress_annotation_becomes_status():
     assert p.status.last_checkpoint.step == 5
 
 
+def test_a_non_finite_loss_in_a_report_keeps_the_status_writable():
+    """Python's json reads a bare NaN (an older runtime wrote them); the API server rejects one, so the status
+    would freeze on the first diverged step."""
+    raw = '{"step": 7, "totalSteps": 20, "tokens": 10, "loss": NaN, "tokensPerSecond": Infinity}'
+    pods = [pod(0, annotations={contract.PROGRESS_ANNOTATION: raw}), pod(1)]
+    p = plan(ctx(job(running_status())), Observed(pods=pods), T0)
+    assert p.status.progress.step == 7 and p.status.progress.loss is None
+    json.dumps(p.status.to_wire(), allow_nan=False)  # what the API server accepts
+
+
 def test_ttl_deletes_the_finished_job():
     status = {"phase": "Succeeded", "completionTime": rfc3339(T0)}
     obj = job(status, runPolicy={"ttlSecondsAfterFinished": 60})

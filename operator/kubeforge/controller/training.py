@@ -113,6 +113,8 @@ def merge_progress(status: JobStatus, report: dict[str, Any] | None) -> None:
     """Fold rank 0's report into the status (progress survives across attempts: new pods start empty)."""
     if not report:
         return
+    # a bare NaN/Infinity (json reads them) would make the status write a 400 and freeze the status
+    report = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in report.items()}
     step, total = report.get("step"), report.get("totalSteps")
     status.progress = Progress(
         step=step, total_steps=total, tokens=report.get("tokens"), loss=report.get("loss"),
