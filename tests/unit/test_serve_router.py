@@ -331,6 +331,35 @@ def test_least_outstanding_spreads_load(echoes):
         rt.stop()
 
 
+def test_client_supplied_kv_transfer_params_never_reach_an_engine(echoes):
+    """kv_transfer_params name the host an engine pulls a KV cache from: a client that could set them would
+    make the engine fetch from any address it likes (server-side request forgery). Only the params a
+    prefill pod returned go to a decode pod."""
+    forged = {"do_remote_prefill": True, "remote_host": "169.254.169.254", "remote_port": 80,
+              "remote_engine_id": "x", "remote_block_ids": [1]}
+    p, d, solo = echoes(name="p"), echoes(name="d"), echoes(name="solo")
+    pd = router_server({"prefill": [p.url], "decode": [d.url]}, scrape_interval=0)
+    skip = router_server({"prefill": [p.url], "decode": [d.url]}, scrape_interval=0,
+                         prefill_threshold_tokens=10_000)  # short prompt: straight to decode
+    agg = router_server({"decode": [solo.url]}, scrape_interval=0)
+    try:
+        for rt, backend in ((agg, solo), (skip, d)):
+            r = httpx.post(rt.url + "/v1/completions", timeout=30,
+                           json={"prompt": PROMPT, "max_tokens": 2, "kv_transfer_params": forged})
+            assert r.status_code == 200
+            last = httpx.get(backend.url + "/debug/last", timeout=10).json()
+            assert set(last) == {"plain"}, last  # no decode leg with remote params was ever seen
+            assert "kv_transfer_params" not in last["plain"]["body"]
+        r = httpx.post(pd.url + "/v1/completions", timeout=30,
+                       json={"prompt": PROMPT, "max_tokens": 2, "kv_transfer_params": forged})
+        assert r.status_code == 200
+        sent = httpx.get(d.url + "/debug/last", timeout=10).json()["decode"]["body"]["kv_transfer_params"]
+        assert sent["remote_host"] != "169.254.169.254" and sent["remote_port"] != 80
+    finally:
+        for rt in (pd, skip, agg):
+            rt.stop()
+
+
 def test_decode_that_hangs_times_out(echoes):
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))

@@ -5,7 +5,8 @@ Per request (vLLM's disaggregated flow, so it works with vLLM + NixlConnector an
      (max_completion_tokens=1), without min_tokens/stream_options, plus kv_transfer_params
      {do_remote_decode: true, ...}; on a connect error, a timeout or a 5xx try another prefill pod;
   2. pick a decode pod and send the client's original body with the kv_transfer_params the prefill pod
-     returned; stream the answer back. The same X-Request-Id goes on both legs.
+     returned; stream the answer back. The same X-Request-Id goes on both legs. kv_transfer_params a
+     client sends are dropped: they name the host an engine fetches from (server-side request forgery).
 Prompts shorter than --prefill-threshold-tokens skip the prefill hop (the decode pod prefills locally), and
 so do requests for which no prefill pod could answer (counted; --no-prefill-fallback turns that into a 503).
 With only one pool the router is a plain load-aware proxy (aggregated mode).
@@ -424,6 +425,9 @@ class Router:
             return error_response(400, f"invalid JSON body: {e}", "invalid_request_error")
         if not isinstance(body, dict):
             return error_response(400, "the body must be a JSON object", "invalid_request_error")
+        # kv_transfer_params name the host an engine pulls a KV cache from: only a prefill pod's answer may
+        # set them, never a client (who could point the engine at any address: server-side request forgery)
+        body.pop("kv_transfer_params", None)
         rid = request.headers.get("x-request-id") or f"kf-{uuid.uuid4().hex}"
         headers = self._headers(request, rid)
         self.sync()
