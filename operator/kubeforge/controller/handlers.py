@@ -36,8 +36,13 @@ def reconciler() -> Reconciler:
     return _reconciler
 
 
-@kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+# the pods kubeforge made; the API server filters the pod watch by it, so the operator never streams (and
+# keeps in memory) every pod of the cluster
+CHILD_POD_SELECTOR = f"{contract.LABEL_JOB_KIND},{contract.LABEL_JOB_NAME}"
+
+
+def tune(settings: kopf.OperatorSettings) -> None:
+    """kopf's settings, apart from anything that needs a cluster."""
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -45,7 +50,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING  # kubeforge posts its own, meaningful events
     settings.execution.max_workers = 16
     settings.watching.server_timeout = 300
+    settings.watching.label_selectors["", "v1", "pods"] = CHILD_POD_SELECTOR
     settings.networking.request_timeout = 60
+    settings.networking.connect_timeout = 10
     if SETTINGS.webhook:
         host = SETTINGS.webhook_host or "127.0.0.1"
         certfile, keyfile = SETTINGS.webhook_certfile, SETTINGS.webhook_keyfile
@@ -56,6 +63,11 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
             addr=SETTINGS.webhook_listen, port=SETTINGS.webhook_port, host=host,
             certfile=certfile, pkeyfile=keyfile)
         settings.admission.managed = f"validate.{GROUP}"
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    tune(settings)
     # the Kubernetes client the reconciler uses: same config kopf logged in with
     from kubernetes import config
 
