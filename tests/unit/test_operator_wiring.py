@@ -54,3 +54,46 @@ def test_kopf_watches_only_kubeforge_pods() -> None:
     assert settings.networking.request_timeout and settings.networking.connect_timeout
 
 
+
+
+class Calls:
+    """What the scheduler ran, with a way to wait for a number of runs without sleeping."""
+
+    def __init__(self, answers: dict[str, list[Any]] | None = None) -> None:
+        self.runs: list[str] = []
+        self.answers = answers or {}
+        self.cv = threading.Condition()
+
+    def __call__(self, key: Any) -> float | None:
+        with self.cv:
+            self.runs.append(key)
+            self.cv.notify_all()
+            todo = self.answers.get(key) or [None]
+            answer = todo.pop(0) if len(todo) > 1 else todo[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def wait_for(self, n: int, timeout: float = 60) -> list[str]:
+        with self.cv:
+            assert self.cv.wait_for(lambda: len(self.runs) >= n, timeout), self.runs
+            return list(self.runs)
+
+
+def test_requeue_folds_a_burst_into_one_reconcile_and_honours_requeue_after() -> None:
+    from kubeforge.controller.requeue import Requeue
+
+    calls = Calls({"a": [0.05, None], "b": [RuntimeError("api down"), None]})
+    rq = Requeue(calls)
+    try:
+        for _ in range(20):  # a gang's pod events
+            rq.after("a", 0.2)
+        rq.after("b", 0.0)
+        runs = calls.wait_for(4)  # a, b (fails), a again (requeue_after 0.05), b again (retried)
+        assert sorted(runs) == ["a", "a", "b", "b"]
+        assert not rq.pending("a") and not rq.pending("b")  # a's second run returned None: nothing more
+        rq.after("c", 3600)
+        rq.after("c", 0)  # an earlier deadline wins
+        assert calls.wait_for(5)[-1] == "c"
+    finally:
+        rq.stop()

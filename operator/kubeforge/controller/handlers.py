@@ -1,7 +1,9 @@
 """kopf wiring: thin handlers that hand every event to the Reconciler.
 
-kopf knows nothing of desired vs actual state, so convergence is driven by three triggers that all run the
-same idempotent reconcile: an event on the object, an event on one of its pods, and a periodic timer.
+kopf knows nothing of desired vs actual state, so convergence is driven by triggers that all run the same
+idempotent reconcile: an event on the object; events on its pods, folded into one reconcile a moment later
+(a gang's pods emit dozens in a burst); the `requeue_after` a reconcile asks for (a deadline, a backoff, a
+schedule timeout); and a slow safety-net timer (KUBEFORGE_RESYNC_SECONDS) for anything missed.
 No handler needs a finalizer: children are owned (garbage-collected) and nothing lives outside the cluster.
 """
 
@@ -21,12 +23,15 @@ from kubeforge.settings import OperatorSettings
 
 from .kube import Kube
 from .reconciler import Reconciler
+from .requeue import Requeue
 from .webhook import self_signed_certificate
 
 log = logging.getLogger("kubeforge")
 
 SETTINGS = OperatorSettings()
+POD_EVENTS_FOLD_S = 1.0  # pod events within this long of the first become one reconcile of their job
 _reconciler: Reconciler | None = None
+_requeue: Requeue | None = None
 
 
 def reconciler() -> Reconciler:
@@ -34,6 +39,13 @@ def reconciler() -> Reconciler:
     if _reconciler is None:
         _reconciler = Reconciler(Kube(), SETTINGS)
     return _reconciler
+
+
+def requeue() -> Requeue:
+    global _requeue
+    if _requeue is None:
+        _requeue = Requeue(lambda key: reconciler().reconcile(*key))  # type: ignore[misc]
+    return _requeue
 
 
 # the pods kubeforge made; the API server filters the pod watch by it, so the operator never streams (and
@@ -79,10 +91,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 def _reconcile(kind: str, namespace: str, name: str) -> None:
     try:
-        reconciler().reconcile(kind, namespace, name)
+        again = reconciler().reconcile(kind, namespace, name)
     except Exception as exc:  # kopf retries TemporaryError with a delay; log the cause once
         log.exception("reconcile of %s %s/%s failed", kind, namespace, name)
         raise kopf.TemporaryError(f"reconcile failed: {exc}", delay=5) from exc
+    if again is not None:
+        requeue().after((kind, namespace, name), again)
 
 
 def _register(kind_name: str, plural: str) -> None:
@@ -112,7 +126,8 @@ for _kind in KINDS:
 
 @kopf.on.event("", "v1", "pods", labels={contract.LABEL_JOB_KIND: kopf.PRESENT, contract.LABEL_JOB_NAME: kopf.PRESENT})
 def on_child_pod(body: kopf.Body, labels: dict[str, str], namespace: str | None, **_: Any) -> None:
-    """A pod of a job changed: keep its report (even from a deleted pod), then reconcile the owner now."""
+    """A pod of a job changed: keep its report (even from a deleted pod), then reconcile the owner soon, once
+    for the whole burst of events its gang emits."""
     if not namespace:
         return
     kind, name = labels[contract.LABEL_JOB_KIND], labels[contract.LABEL_JOB_NAME]
@@ -120,4 +135,4 @@ def on_child_pod(body: kopf.Body, labels: dict[str, str], namespace: str | None,
         reconciler().record_pod_report(kind, namespace, name, dict(body))
     except Exception:
         log.exception("could not record the report of pod %s/%s", namespace, body.get("metadata", {}).get("name"))
-    _reconcile(kind, namespace, name)
+    requeue().after((kind, namespace, name), POD_EVENTS_FOLD_S)
