@@ -202,6 +202,34 @@ def test_exit_78_takes_the_reason_the_runtime_wrote():
     assert cond(p.status, "Failed").message == "ptj-worker-0: every checkpoint was rejected"
 
 
+def test_a_failed_pod_being_deleted_is_still_a_failure():
+    """The operator deleted the gang of a failure and died before its status write: the next reconcile sees
+    the failed pod terminating. That is a failure (restart budget), not a preemption."""
+    pods = [pod(0, deleting=True), pod(1, "Failed", exit_code=1, message="NCCL timeout", deleting=True)]
+    p = plan(ctx(job(running_status(restarts=3))), Observed(pods=pods), T0)
+    assert p.status.phase == "Failed" and p.status.preemptions == 0
+    assert cond(p.status, "Failed").reason == "BackoffLimitExceeded"
+
+
+def test_a_partially_created_gang_is_completed_not_torn_down():
+    """A create that failed half-way (a ResourceQuota refusing the second pod) leaves part of the gang: the
+    next reconcile creates the missing pods instead of deleting the present ones and starting over."""
+    status = running_status(phase="Starting", startTime=None)
+    p = plan(ctx(job(status)), Observed(pods=[pod(0, "Pending")]), T0)
+    assert p.delete_pods == [] and p.status.preemptions == 0 and p.status.attempt == 0
+    assert [m["metadata"]["name"] for m in p.create if m["kind"] == "Pod"] == ["ptj-worker-1"]
+
+
+def test_pods_of_a_previous_object_with_the_same_name_are_waited_for():
+    """A job deleted and created again (GitOps) under the same name: the old object's pods, still
+    terminating, are not the new one's; it waits for them instead of adopting them."""
+    old = [dict(pod(r, deleting=True), metadata=dict(pod(r, deleting=True)["metadata"],
+                                                         ownerReferences=[{"uid": "old-uid"}])) for r in (0, 1)]
+    p = plan(ctx(job()), Observed(pods=[], foreign=old), T0)
+    assert [m for m in p.create if m["kind"] == "Pod"] == [] and p.delete_pods == []
+    assert "previous" in p.status.message and p.requeue_after
+
+
 def test_eviction_restarts_without_spending_the_budget():
     pods = [pod(0, "Failed", reason="Evicted"), pod(1)]
     p = plan(ctx(job(running_status(restarts=3))), Observed(pods=pods), T0)

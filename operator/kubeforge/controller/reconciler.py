@@ -15,7 +15,7 @@ from kubeforge.api.validation import parse_spec, validate
 from kubeforge.settings import OperatorSettings
 
 from . import kueue, pods
-from .children import selector
+from .children import owned_by, selector
 from .conditions import set_kstatus
 from .kube import RESOURCES, Kube, Resource, resource_for
 from .training import Event, JobContext, Observed, Plan, Source, merge_progress, plan
@@ -187,7 +187,9 @@ class Reconciler:
             model_secret_name=spec.model.secret_ref.name if spec.model.secret_ref else None,
             data_secret_name=spec.data.secret_ref.name if spec.data.secret_ref else None,
         )
-        observed = Observed(pods=self.kube.list(RESOURCES["Pod"], ns, selector(obj)), source=source)
+        labelled = self.kube.list(RESOURCES["Pod"], ns, selector(obj))
+        observed = Observed(pods=[p for p in labelled if owned_by(obj, p)],
+                            foreign=[p for p in labelled if not owned_by(obj, p)], source=source)
         version = "v1beta2"
         if spec.scheduling.queue_name or spec.scheduling.gang == "kueue":
             version = next((v for v in kueue.VERSIONS if self.kube.served(kueue.GROUP, v)), "v1beta2")
@@ -212,11 +214,16 @@ class Reconciler:
             res = Resource(kueue.GROUP, observed.workload["apiVersion"].split("/")[1], "workloads")
             self.kube.merge_patch(res, ns, observed.workload["metadata"]["name"], result.workload_status_patch,
                                   subresource="status")
+        # the status first when pods go: it records why (a failure spends the restart budget), so an operator
+        # killed between the two finds the next attempt recorded and deletes the old pods as stale, instead
+        # of finding them gone and taking the failure for a preemption
+        written = bool(result.delete_pods) and self.write_status(obj, result.status)
         for pod in result.delete_pods:
             self.kube.delete(RESOURCES["Pod"], ns, pod)
         for manifest in result.create:
             self.apply_child(manifest)
-        self.write_status(obj, result.status)
+        if not written:
+            self.write_status(obj, result.status)
         self.post_events(obj, result.events)
         if result.delete_job:
             self.kube.delete(RESOURCES[obj["kind"]], ns, name)
