@@ -44,7 +44,7 @@ def reconciler() -> Reconciler:
 def requeue() -> Requeue:
     global _requeue
     if _requeue is None:
-        _requeue = Requeue(lambda key: reconciler().reconcile(*key))  # type: ignore[misc]
+        _requeue = Requeue(lambda key: reconciler().reconcile(*key), workers=8)  # type: ignore[misc]
     return _requeue
 
 
@@ -90,13 +90,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 def _reconcile(kind: str, namespace: str, name: str) -> None:
-    try:
-        again = reconciler().reconcile(kind, namespace, name)
-    except Exception as exc:  # kopf retries TemporaryError with a delay; log the cause once
-        log.exception("reconcile of %s %s/%s failed", kind, namespace, name)
-        raise kopf.TemporaryError(f"reconcile failed: {exc}", delay=5) from exc
-    if again is not None:
-        requeue().after((kind, namespace, name), again)
+    """Reconcile now, on the requeue workers: kopf never retries an event handler that failed, the
+    scheduler does (with backoff), and it runs whatever requeue_after the reconcile asks for."""
+    requeue().after((kind, namespace, name), 0)
 
 
 def _register(kind_name: str, plural: str) -> None:

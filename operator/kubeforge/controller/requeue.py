@@ -78,7 +78,7 @@ class Requeue:
         except Exception as exc:  # noqa: BLE001 - retried with backoff, like kopf's TemporaryError
             n = self._failures[key] = self._failures.get(key, 0) + 1
             delay = min(RETRY_MAX_S, RETRY_MIN_S * 2 ** (n - 1))
-            log.warning("reconcile of %s failed (%s); again in %.0fs", key, exc, delay)
+            log.warning("reconcile of %s failed (%s); again in %.0fs", key, exc, delay, exc_info=n == 1)
             self.after(key, delay)
             return
         self._failures.pop(key, None)
