@@ -15,7 +15,7 @@ import pytest
 from kubeforge.runtime.checkpointing import AppState, Checkpointer, CheckpointsUnusable
 from kubeforge.runtime.dist import Choice, DistEnv
 from kubeforge.runtime.training import InvalidSpec
-from kubeforge.storage import CheckpointStore, make_client
+from kubeforge.storage import CheckpointStore, StorageError, make_client
 
 CPU = Choice(device_type="cpu", backend="gloo", strategy="ddp", precision="fp32")
 ONE = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0)
@@ -96,3 +96,46 @@ def test_restore_refuses_another_runs_checkpoints(gloo: None, store: CheckpointS
     assert exc.value.field == "spec.checkpoint.uri"
     train: Any = _checkpointer(store, tmp_path / "r2").restore(_app())
     assert train["step"] == 5
+
+
+class Deny:
+    """botocore before-send hook: the store answers the first `n` PutObjects with 403 AccessDenied (a
+    permission revoked, a bucket policy), which no retry fixes. Faults are injected, never mocked calls."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    def __call__(self, request: Any, **_: Any) -> Any:
+        from botocore.awsrequest import AWSResponse
+
+        if self.left <= 0:
+            return None
+        self.left -= 1
+
+        class Body:
+            def stream(self, **_: Any) -> Any:
+                yield b"<Error><Code>AccessDenied</Code><Message>injected</Message></Error>"
+
+        return AWSResponse(request.url, 403, {"Content-Type": "application/xml"}, Body())
+
+
+def test_a_failed_upload_skips_that_checkpoint_and_training_goes_on(gloo: None, store: CheckpointStore,
+                                                                   tmp_path: Path) -> None:
+    ck = _checkpointer(store, tmp_path / "s")
+    app = _app()
+    deny = Deny(1)
+    store.client.meta.events.register("before-send.s3.PutObject", deny)
+    app.train = {"step": 1}
+    ck.save(app, 1, tokens=1)
+    assert ck.wait() is None and deny.left == 0  # skipped, not raised: the gang keeps training
+    app.train = {"step": 2}
+    ck.save(app, 2, tokens=2)
+    assert ck.wait().step == 2  # type: ignore[union-attr]
+    assert [c.step for c in store.committed_checkpoints()] == [2] and ck.last_step == 2
+    # storage that stays broken is not ignored forever
+    store.client.meta.events.register("before-send.s3.PutObject", Deny(10_000))
+    with pytest.raises(StorageError, match="in a row"):
+        for step in range(3, 3 + Checkpointer.MAX_FAILED_IN_A_ROW):
+            app.train = {"step": step}
+            ck.save(app, step, tokens=step)
+            ck.wait()

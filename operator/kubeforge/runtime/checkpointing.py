@@ -9,7 +9,8 @@ Save (every rank, same step):
    ranks on one machine may share the dir and ranks on separate nodes need no shared filesystem.
 3. When every rank's upload is done (the training loop learns this from the one small all-reduce it does
    per step, see `local_done`), `finalize()` gathers the file entries and rank 0 writes the manifest: the
-   commit point. Then retention.
+   commit point. Then retention. A checkpoint whose upload or commit failed on any rank is skipped (the
+   gang trains on; the next interval tries again); MAX_FAILED_IN_A_ROW failures in a row stop the run.
 
 Restore: rank 0 picks the newest committed checkpoint, each node's local rank 0 downloads it (sha256
 verified; on a mismatch the step is rejected in the store and the next older one is tried), and `dcp.load`
@@ -110,6 +111,8 @@ class _Pending:
 
 
 class Checkpointer:
+    MAX_FAILED_IN_A_ROW = 3  # a failed upload or commit skips that checkpoint; this many in a row stop the run
+
     def __init__(
         self,
         store: CheckpointStore,
@@ -133,6 +136,7 @@ class Checkpointer:
         self.pending: _Pending | None = None
         self.last: Checkpoint | None = None  # newest committed (rank 0 knows; others get step/uri too)
         self.last_step: int | None = None
+        self.failed_in_a_row = 0
         self._pg: Any = None
 
     # ------------------------------------------------------------------------------------------ save
@@ -204,26 +208,40 @@ class Checkpointer:
         gathered: list[Any] = [None] * self.denv.world_size
         dist.all_gather_object(gathered, mine)
         errors = [g["error"] for g in gathered if isinstance(g, dict)]
-        if errors:
-            raise StorageError(f"checkpoint {p.step} upload failed: {errors[0]}")
         committed: list[Any] = [None]
-        if self.denv.rank == 0:
+        if self.denv.rank == 0 and not errors:
             from ..storage.checkpoint import FileEntry
 
-            entries = [FileEntry(e["path"], e["size"], e["sha256"]) for g in gathered for e in g]
-            ckpt = self.store.commit(p.step, entries, tokens=p.tokens,
-                                     meta=dict(self.meta, worldSize=self.denv.world_size))
-            log.info("checkpoint %s committed (%d files, %.1f MB)", ckpt.uri, len(entries), ckpt.size / 1e6)
             try:
-                deleted = self.store.apply_retention(self.keep)
-                if deleted:
-                    log.info("retention: removed steps %s", deleted)
-            except Exception as exc:  # noqa: BLE001 - retention is housekeeping; the commit stands
-                log.warning("retention failed: %s", exc)
-            shutil.rmtree(p.local_dir, ignore_errors=True)
-            committed[0] = {"uri": ckpt.uri, "step": ckpt.step, "time": ckpt.time}
-            self.last = ckpt
+                entries = [FileEntry(e["path"], e["size"], e["sha256"]) for g in gathered for e in g]
+                ckpt = self.store.commit(p.step, entries, tokens=p.tokens,
+                                         meta=dict(self.meta, worldSize=self.denv.world_size))
+                log.info("checkpoint %s committed (%d files, %.1f MB)", ckpt.uri, len(entries), ckpt.size / 1e6)
+                committed[0] = {"uri": ckpt.uri, "step": ckpt.step, "time": ckpt.time}
+                self.last = ckpt
+            except Exception as exc:  # noqa: BLE001 - every rank learns of it below
+                committed[0] = {"error": f"commit: {type(exc).__name__}: {exc}"}
+            if self.last is not None and committed[0] and "error" not in committed[0]:
+                try:
+                    deleted = self.store.apply_retention(self.keep)
+                    if deleted:
+                        log.info("retention: removed steps %s", deleted)
+                except Exception as exc:  # noqa: BLE001 - retention is housekeeping; the commit stands
+                    log.warning("retention failed: %s", exc)
         dist.broadcast_object_list(committed, src=0)
+        if self.denv.local_rank == 0:
+            shutil.rmtree(p.local_dir, ignore_errors=True)
+        if errors or "error" in committed[0]:
+            # one checkpoint lost is one interval of work at risk, not a reason to kill the whole gang;
+            # storage that keeps failing is
+            why = errors[0] if errors else committed[0]["error"]
+            self.failed_in_a_row += 1
+            if self.failed_in_a_row >= self.MAX_FAILED_IN_A_ROW:
+                raise StorageError(f"{self.failed_in_a_row} checkpoints in a row failed (step {p.step}: {why})")
+            log.warning("checkpoint %d skipped: %s (%d in a row; training goes on)", p.step, why,
+                        self.failed_in_a_row)
+            return None
+        self.failed_in_a_row = 0
         self.last_step = p.step
         self.last_ref = committed[0]
         return self.last
