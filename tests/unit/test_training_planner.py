@@ -31,7 +31,8 @@ def ctx(obj: dict) -> JobContext:
     spec = parse_spec(obj)
     builder = TorchrunGang(obj=obj, resources=spec.resources, scheduling=spec.scheduling,
                            module="kubeforge.runtime.pretrain", resolved_spec=spec.to_wire(),
-                           secret_name="kubeforge-s3", s3_endpoint=None)
+                           secret_name="kubeforge-s3", s3_endpoint=None,
+                           grace_seconds=spec.run_policy.termination_grace_period_seconds)
     return JobContext(obj=obj, spec=spec, builder=builder, workload_version="v1beta2")
 
 
@@ -228,6 +229,16 @@ def test_pods_of_a_previous_object_with_the_same_name_are_waited_for():
     p = plan(ctx(job()), Observed(pods=[], foreign=old), T0)
     assert [m for m in p.create if m["kind"] == "Pod"] == [] and p.delete_pods == []
     assert "previous" in p.status.message and p.requeue_after
+
+
+def test_sigterm_grace_comes_from_the_run_policy():
+    """The pods' grace must cover finishing a step plus a whole checkpoint upload, which only the user can
+    size (model, bandwidth): runPolicy.terminationGracePeriodSeconds, stored with its default."""
+    default = [m for m in plan(ctx(job()), Observed(), T0).create if m["kind"] == "Pod"]
+    assert {m["spec"]["terminationGracePeriodSeconds"] for m in default} == {300}
+    big = job(runPolicy={"terminationGracePeriodSeconds": 1800})
+    pods = [m for m in plan(ctx(big), Observed(), T0).create if m["kind"] == "Pod"]
+    assert {m["spec"]["terminationGracePeriodSeconds"] for m in pods} == {1800}
 
 
 def test_eviction_restarts_without_spending_the_budget():

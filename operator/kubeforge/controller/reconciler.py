@@ -186,6 +186,7 @@ class Reconciler:
             s3_endpoint=spec.checkpoint.endpoint, python=self.settings.python,
             model_secret_name=spec.model.secret_ref.name if spec.model.secret_ref else None,
             data_secret_name=spec.data.secret_ref.name if spec.data.secret_ref else None,
+            grace_seconds=spec.run_policy.termination_grace_period_seconds,
         )
         labelled = self.kube.list(RESOURCES["Pod"], ns, selector(obj))
         observed = Observed(pods=[p for p in labelled if owned_by(obj, p)],
