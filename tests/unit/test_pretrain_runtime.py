@@ -118,6 +118,24 @@ def test_a_non_finite_loss_is_reported_as_json_the_api_server_accepts(tmp_path: 
         assert payload["loss"] is None and payload["lossNonFinite"] == str(bad)
 
 
+def test_a_diverged_run_fails_at_once_or_restarts_per_its_policy() -> None:
+    """onDivergence Fail: exit 78 with reason Diverged, so the operator fails the job at once instead of
+    restarting it into the same NaN until maxRestarts; Restart: an ordinary crash (the gang restarts from
+    the newest checkpoint)."""
+    from kubeforge.api.kinds import TrainingSpec
+    from kubeforge.runtime.pretrain import Diverged, check_loss, exit_for
+
+    assert TrainingSpec(total_steps=1).on_divergence == "Fail"
+    check_loss(2.5, 3, "Fail")  # finite: nothing happens
+    with pytest.raises(Diverged) as diverged:
+        check_loss(float("nan"), 7, "Fail")
+    code, payload = exit_for(diverged.value)
+    assert code == contract.EXIT_INVALID_SPEC and payload["reason"] == "Diverged" and "step 7" in payload["message"]
+    with pytest.raises(FloatingPointError) as restart:
+        check_loss(float("inf"), 7, "Restart")
+    assert exit_for(restart.value)[0] == 1
+
+
 # ------------------------------------------------------------------------------------------ data stream
 
 

@@ -43,6 +43,10 @@ class TrainingSpec(ApiModel):
     """Report progress every this many steps."""
     seed: int = Field(default=0, ge=0)
     """Seed for initialisation and data order."""
+    on_divergence: Literal["Fail", "Restart"] = "Fail"
+    """A non-finite loss (NaN/Inf): Fail stops the job at once with reason Diverged (retrying from the same
+    checkpoint and data replays the same NaN); Restart restarts the gang from the newest checkpoint,
+    spending the restart budget (for a divergence that does not reproduce, e.g. a hardware fault)."""
 
 
 class PretrainJobSpec(ApiModel):
