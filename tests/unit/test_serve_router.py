@@ -383,6 +383,77 @@ def test_decode_that_hangs_times_out(echoes):
         lsock.close()
 
 
+def test_a_stream_may_outlast_the_request_timeout(echoes):
+    """request_timeout bounds a whole non-streaming answer; a stream is bounded by the gap between two
+    chunks (read_timeout) and by stream_timeout when set, so a long generation is not cut."""
+    slow = echoes(delay=0.05)  # 40 tokens: about 2 s, with a chunk every 0.05 s
+    rt = router_server({"decode": [slow.url]}, read_timeout=10, request_timeout=0.5, scrape_interval=0)
+    try:
+        with httpx.stream("POST", rt.url + "/v1/completions", timeout=60,
+                          json={"prompt": PROMPT, "max_tokens": 40, "stream": True}) as r:
+            events = sse_events(r)
+        assert not any("error" in e for e in events if isinstance(e, dict)), events
+        assert sum(len(e["choices"][0]["text"]) for e in events if isinstance(e, dict)) == 40
+    finally:
+        rt.stop()
+
+
+def _held_upstream():
+    """A decode 'pod' that accepts a connection and never answers: the test holds the router's request."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    return lsock, f"http://127.0.0.1:{lsock.getsockname()[1]}"
+
+
+def _raw_post(url: str, path: str, body: dict) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    c = socket.create_connection((host, int(port)))
+    c.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return c
+
+
+def test_concurrency_is_bounded_with_429(echoes):
+    lsock, held = _held_upstream()
+    rt = router_server({"decode": [held]}, max_in_flight=1, request_timeout=300, scrape_interval=0)
+    try:
+        first = _raw_post(rt.url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4})
+        lsock.settimeout(60)
+        upstream, _ = lsock.accept()  # the first request is in flight, held there
+        r = httpx.post(rt.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}, timeout=30)
+        assert r.status_code == 429 and r.headers["retry-after"]
+        assert r.json()["error"]["type"] == "rate_limit_exceeded"
+        first.close()
+        upstream.close()
+    finally:
+        rt.stop()
+        lsock.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_goes_away_releases_the_upstream_request(stream):
+    """The router closes its connection to the engine when the client disconnects, so the engine can stop
+    the work (instead of the request holding a slot until the engine's own timeout)."""
+    lsock, held = _held_upstream()
+    rt = router_server({"decode": [held]}, request_timeout=300, read_timeout=300, scrape_interval=0)
+    try:
+        client = _raw_post(rt.url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4, "stream": stream})
+        lsock.settimeout(60)
+        upstream, _ = lsock.accept()
+        upstream.settimeout(60)  # a liveness bound for the test, far below the router's 300 s timeouts
+        received = upstream.recv(65536)
+        assert received.startswith(b"POST /v1/completions")
+        client.close()
+        rest = b"".join(iter(lambda: upstream.recv(65536), b""))  # returns once the router hangs up
+        assert b"POST" not in rest
+        upstream.close()
+    finally:
+        rt.stop()
+        lsock.close()
+
+
 def test_file_discovery_follows_pods(tmp_path, echoes):
     a, b = echoes(name="a"), echoes(name="b")
     f = tmp_path / "endpoints.json"
