@@ -304,6 +304,36 @@ def test_queue_and_concurrency(engines, reference):
     assert max(waiting_seen) >= 1
 
 
+def test_a_client_that_goes_away_frees_its_non_streaming_request(model_dir):
+    """The engine stops a non-streaming request whose client disconnected (a router that gave up, a user
+    who closed the tab) instead of holding it until its 600 s timeout. The engine's worker is stopped, so
+    the request waits in the queue for as long as the test needs: nothing depends on timing."""
+    import socket
+
+    srv = _server(model_dir, "both")
+    try:
+        srv.engine.stop()
+        srv.engine._worker.join(30)
+        body = json.dumps({"prompt": PROMPT, "max_tokens": 8}).encode()
+        client = socket.create_connection(("127.0.0.1", srv.port))
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+
+        def open_requests(want: int) -> int:
+            deadline = time.monotonic() + 30
+            while srv.engine.open_requests != want and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return srv.engine.open_requests
+
+        assert open_requests(1) == 1  # submitted, waiting for the (stopped) worker
+        queued = list(srv.engine.queue.queue)
+        client.close()
+        assert open_requests(0) == 0
+        assert [q.cancelled for q in queued] == [True]  # the worker would drop it, not run it
+    finally:
+        srv.stop()
+
+
 def test_sigterm_drains_in_flight_then_exits(drain_engine):
     """Scale-down: SIGTERM refuses new work (readiness 503) but finishes the streams already running and keeps
     serving the KV caches that decode engines have yet to fetch; it exits once both are done.

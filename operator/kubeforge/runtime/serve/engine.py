@@ -525,6 +525,12 @@ def _chunk(
     }
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (call once the body has been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def build_app(engine: Engine, request_timeout: float = 600.0) -> Starlette:
     state: dict[str, Any] = {}
 
@@ -592,11 +598,20 @@ def build_app(engine: Engine, request_timeout: float = 600.0) -> Starlette:
             return await asyncio.wait_for(events.get(), timeout=left)
 
         if not stream:
+            # a client that goes away (or a router that gave up) frees its slot at once, not after the
+            # whole generation; a stream learns of it when its next chunk cannot be sent
+            gone = asyncio.ensure_future(_disconnected(request))
             try:
                 parts: list[str] = []
                 kv_out = None
                 while True:
-                    ev = await next_event()
+                    waiting = asyncio.ensure_future(next_event())
+                    await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+                    if not waiting.done():
+                        waiting.cancel()
+                        seq.cancelled = True
+                        return Response(status_code=499)
+                    ev = waiting.result()
                     if ev[0] == "text":
                         parts.append(ev[1])
                     elif ev[0] == "kv":
@@ -612,6 +627,7 @@ def build_app(engine: Engine, request_timeout: float = 600.0) -> Starlette:
                 seq.cancelled = True
                 return error_response(504, "request timed out", "timeout")
             finally:
+                gone.cancel()
                 engine.open_requests -= 1
             text = "".join(parts)
             if api == "chat":
