@@ -294,9 +294,11 @@ def test_queue_and_concurrency(engines, reference):
     ts = [threading.Thread(target=go, args=(i,)) for i in range(10)]
     for t in ts:
         t.start()
-    for _ in range(20):
+    # watch the engine until it showed queued or running work, or every request is already answered
+    deadline = time.monotonic() + 60
+    while not (waiting_seen and max(waiting_seen) >= 1) and any(t.is_alive() for t in ts) \
+            and time.monotonic() < deadline:
         waiting_seen.append(metric(both.url, m.VLLM_WAITING) + metric(both.url, m.VLLM_RUNNING))
-        time.sleep(0.01)
     for t in ts:
         t.join()
     want = reference[0](PROMPT, 12)

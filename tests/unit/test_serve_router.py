@@ -31,6 +31,17 @@ def router_server(pools=None, discovery=None, **cfg) -> ThreadServer:
     return srv
 
 
+def poll(get, until, timeout: float = 30.0):
+    """Call get() until until(value) holds (or the bound passes); returns the last value: tests wait for the
+    state they need instead of sleeping and hoping."""
+    deadline = time.monotonic() + timeout
+    value = get()
+    while not until(value) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        value = get()
+    return value
+
+
 def dead_url() -> str:
     return f"http://127.0.0.1:{free_port()}"  # nothing listens there: a pod that is gone
 
@@ -274,8 +285,9 @@ def test_router_metrics_feed_autoscaler(engines, routers):
         timeout=30,
     ) as s:
         sse_events(s)
-    time.sleep(0.5)  # one engine scrape
-    sig = parse_router_metrics(httpx.get(pd.url + "/metrics").text)
+    sig = poll(lambda: parse_router_metrics(httpx.get(pd.url + "/metrics").text),
+               lambda sig: sig["decode"].in_flight == 0 and sig["decode"].itl_recent is not None
+               and sig["prefill"].ttft_recent is not None and sig["prefill"].prefill_recent is not None)
     assert sig["prefill"].replicas == 1 and sig["decode"].replicas == 1
     assert sig["prefill"].ttft_recent is not None and sig["prefill"].ttft_recent > 0
     assert sig["decode"].itl_recent is not None
@@ -700,8 +712,7 @@ def test_router_sigterm_drains(echoes):
             lines = s.iter_lines()
             assert next(line for line in lines if line.startswith("data: "))
             rt.signal(signal.SIGTERM)
-            time.sleep(0.1)
-            assert httpx.get(rt.url + "/ready").status_code == 503
+            assert poll(lambda: httpx.get(rt.url + "/ready").status_code, lambda code: code == 503) == 503
             rest = [line for line in lines if line.startswith("data: ")]
         assert rest[-1] == "data: [DONE]" and len(rest) == 20  # 19 more tokens, then [DONE]
         assert rt.proc.wait(10) == 0
