@@ -327,6 +327,25 @@ def store_steps(s3_env: dict[str, str], bucket: str, prefix: str) -> list[Any]:
     return CheckpointStore(f"s3://{bucket}/{prefix}", client=make_client(env=s3_env)).committed_checkpoints()
 
 
+def assert_export_is_the_trained_model(store: CheckpointStore, step: int, exported: Any, tmp: Path) -> None:
+    """Every weight of the exported Hugging Face model equals the one in the final training checkpoint (the
+    DCP files the gang wrote, converted with torch's own dcp_to_torch_save): an export that wrote the
+    initial weights, another rank's shard or a half-gathered FSDP parameter fails here."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    local = tmp / f"ckpt-{step}"
+    store.download(step, local)
+    dcp_to_torch_save(str(local), str(tmp / f"ckpt-{step}.pt"))
+    saved = torch.load(tmp / f"ckpt-{step}.pt", weights_only=False)
+    trained = saved["app"]["model"] if "app" in saved else {
+        k[len("app.model."):]: v for k, v in saved.items() if k.startswith("app.model.")}
+    got = exported.state_dict()
+    assert got and set(got) <= set(trained), sorted(set(got) - set(trained))[:5]
+    for name, tensor in got.items():
+        assert torch.equal(tensor, trained[name].to(tensor.dtype)), name
+
+
 def _ckpt_step(p: dict[str, Any]) -> int:
     return (p.get("lastCheckpoint") or {}).get("step", 0)
 
@@ -396,6 +415,7 @@ def test_train_preempt_kill_resume_and_export(s3_env: dict[str, str], bucket: st
     local = tmp_path / "final"
     store.download_final(local)
     model = AutoModelForCausalLM.from_pretrained(str(local))
+    assert_export_is_the_trained_model(store, 60, model, tmp_path)
     tok = AutoTokenizer.from_pretrained(str(local))
     ids = tok("The capital of ", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -445,6 +465,7 @@ def test_fsdp2_sharded_checkpoint_resume_and_export(s3_env: dict[str, str], buck
     store.download_final(tmp_path / "final")
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"))
     assert type(model).__name__ == "LlamaForCausalLM"
+    assert_export_is_the_trained_model(store, 16, model, tmp_path)
 
 
 def _count_gets(client: Any) -> list[str]:
