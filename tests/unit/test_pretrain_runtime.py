@@ -542,3 +542,40 @@ def test_world_size_change_keeps_buffered_documents(s3_client: Any, bucket: str)
         for r, st in states.items():
             buffered = text(st["buffer"][1:])  # the first token is also the last emitted one (overlap)
             assert any(buffered in o for o in out.values()), (world, r, buffered)
+
+
+class CountingObjects(S3Objects):
+    """The real S3 reader, counting the bytes each object yields to the stream."""
+
+    def __init__(self, client: Any, uri: str) -> None:
+        super().__init__(client, uri)
+        self.bytes_read: dict[str, int] = {}
+
+    def read(self, key: str, offset: int, size: int, chunk: int = 1 << 20) -> Any:
+        for block in super().read(key, offset, size, chunk):
+            self.bytes_read[key] = self.bytes_read.get(key, 0) + len(block)
+            yield block
+
+
+def test_ranks_read_their_own_bytes_of_an_object(s3_client: Any, bucket: str) -> None:
+    """World size 4 over one large JSON-lines object: each rank reads (about) its quarter of the bytes, not
+    the whole object, and together the ranks take every document exactly once."""
+    docs = {name: [f"{name}-doc-{j:06d} " + "b" * (j % 50) for j in range(60_000)] for name in ("a", "z")}
+    _put_docs(s3_client, bucket, "big", {f"{n}.jsonl": d for n, d in docs.items()})
+    taken: list[str] = []
+    read = 0
+    for rank in range(4):
+        src = CountingObjects(s3_client, f"s3://{bucket}/big")
+        s = PackedStream(src, _byte_tok, eos_id=257, seq_len=4096, rank=rank, world_size=4, batch_records=256)
+        first_key = s.order(0)[0][0]
+        first = first_key.rsplit("/", 1)[-1].removesuffix(".jsonl")
+        out: list[int] = []
+        while (s.state.epoch, s.state.file_pos) == (0, 0):  # until this rank is through the first object
+            out += s.next_sequence()[:-1]
+        out += s.state.buffer
+        text = bytes(t if t < 256 else ord("|") for t in out).decode()
+        taken += [d for d in text.split("|") if d.startswith(f"{first}-doc-")]
+        read += src.bytes_read[first_key]
+    size = s3_client.head_object(Bucket=bucket, Key=first_key)["ContentLength"]
+    assert sorted(taken) == sorted(docs[first])  # every document once, across the ranks
+    assert read < 2 * size  # not 4 x: each rank its quarter (plus at most a read block past its end)

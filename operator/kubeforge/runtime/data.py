@@ -7,15 +7,18 @@
   that sorts before it is read from the next epoch on.
 - Records: one JSON line (`format: jsonl`, text in `data.textField`), or one paragraph (`format: text`:
   lines up to a blank line; a file without blank lines is one document). Each record is a document.
-- Sharding: the running record index of the epoch modulo the data-parallel world; rank r tokenizes only its
-  records, so no rank reads another's tokens and no record is used twice in an epoch.
+- Sharding: plain JSON-lines objects by bytes: rank r of W reads the records that start in bytes
+  [size*r/W, size*(r+1)/W) of each object (a ranged GET from just before its range, skipping the record
+  that started in the previous one), so the gang reads each byte about once. Paragraph text and compressed
+  objects (whose boundaries cannot be found from an arbitrary byte) by the running record index of the
+  epoch modulo the world. Either way no record is used twice in an epoch.
 - Packing: documents are tokenized, an EOS appended to each, concatenated, and cut into sequences of
   seqLen+1 tokens that overlap by one (the last target of one sequence is the first input of the next).
 - Resume: the state (epoch, object key, byte offset, record index, tokens not yet emitted) after the last
   sequence *consumed* is part of every checkpoint; a restarted stream reads objects from that byte offset
   with ranged GETs and produces exactly the sequences that would have come next. At another world size
-  every rank restarts at the earliest saved position with the new sharding, and the old ranks' buffered
-  tokens are handed to the new ranks first (some records are seen again, none is skipped).
+  every rank restarts at the start of the earliest saved object with the new sharding, and the old ranks'
+  buffered tokens are handed to the new ranks first (some records are seen again, none is skipped).
 - Compressed objects (`.gz`, multi-member included, and `.zst`, the usual forms of published corpora) are
   decompressed while streaming; their offsets count decompressed bytes, so a resume reads such an object
   from its start and skips to the offset (no ranged GET can land inside a compressed stream). Between
@@ -215,6 +218,8 @@ class PackedStream:
         decompress = next((f for suffix, f in DECOMPRESSORS.items() if key.endswith(suffix)), None)
         if decompress is not None:
             lines = _lines(_skip(decompress(self.source.read(key, 0, size)), offset), offset)
+        elif self.byte_sharded(key):
+            lines = self._slice_lines(key, size, offset)
         else:
             lines = _lines(self.source.read(key, offset, size), offset)
         if self.fmt == "jsonl":
@@ -239,6 +244,44 @@ class PackedStream:
         if para:
             yield "\n".join(para), end
 
+    def byte_sharded(self, key: str) -> bool:
+        """Whether this rank reads only its own byte range of the object (plain JSON lines: a record starts
+        after any newline), rather than every record and keeping those whose index is its own."""
+        return self.world_size > 1 and self.fmt == "jsonl" and not any(key.endswith(x) for x in DECOMPRESSORS)
+
+    def _slice_lines(self, key: str, size: int, offset: int) -> Iterator[tuple[bytes, int]]:
+        """The lines of this rank's records: those that start in [size*r/W, size*(r+1)/W); the last one may
+        end past that. `offset` 0 means the start of the slice, found after the first newline before it."""
+        lo, hi = size * self.rank // self.world_size, size * (self.rank + 1) // self.world_size
+        if offset == 0 and lo > 0:
+            blocks = self.source.read(key, lo - 1, size)
+            start = lo - 1
+            rest = b""
+            for block in blocks:  # skip the tail of the record that started in the previous slice
+                i = block.find(b"\n")
+                if i >= 0:
+                    start += i + 1
+                    rest = block[i + 1:]
+                    break
+                start += len(block)
+            else:
+                return
+
+            def chained() -> Iterator[bytes]:
+                if rest:
+                    yield rest
+                yield from blocks
+
+            chunks: Iterator[bytes] = chained()
+        else:
+            start = offset
+            chunks = self.source.read(key, start, size) if start < hi else iter(())
+        for raw, end in _lines(chunks, start):
+            if start >= hi:
+                return
+            yield raw, end
+            start = end
+
     def _fill(self) -> None:
         """Tokenize this rank's next records into the buffer, advancing the state past them."""
         st = self.state
@@ -261,8 +304,9 @@ class PackedStream:
         else:
             reader = self._records(key, size, st.offset)
         self._reader = None
+        sharded = self.byte_sharded(key)
         for text, end in reader:
-            if record % self.world_size == self.rank:
+            if sharded or record % self.world_size == self.rank:
                 if text is None:
                     self.bad_records += 1
                     if self.bad_records <= 3:
@@ -348,7 +392,8 @@ class PackedStream:
         # (without their first token, which was also the last target the old rank emitted)
         inherited = [t for r in sorted(states) if r % self.world_size == self.rank
                      for t in list(states[r].get("buffer") or [])[1:]]
-        self.load_state_dict(dict(earliest, buffer=inherited, epoch_tokens=1))
+        # the earliest object from its start: its byte ranges and record indices are the old world's
+        self.load_state_dict(dict(earliest, offset=0, record=0, buffer=inherited, epoch_tokens=1))
 
 
 class Prefetcher:
