@@ -336,6 +336,27 @@ def test_a_client_that_goes_away_frees_its_non_streaming_request(model_dir):
         srv.stop()
 
 
+def test_a_full_queue_answers_429(model_dir):
+    """Back-pressure: with --max-waiting requests queued (the worker is stopped, so they stay queued) the
+    next one is refused with 429 and Retry-After instead of joining an unbounded queue."""
+    srv = _server(model_dir, "both")
+    srv.engine.max_waiting = 1
+    try:
+        srv.engine.stop()
+        srv.engine._worker.join(30)
+        held = threading.Thread(target=lambda: httpx.post(srv.url + "/v1/completions", timeout=60,
+                                                          json={"prompt": PROMPT, "max_tokens": 4}), daemon=True)
+        held.start()
+        deadline = time.monotonic() + 30
+        while srv.engine.queue.qsize() < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}, timeout=30)
+        assert r.status_code == 429 and r.headers["retry-after"]
+        assert r.json()["error"]["type"] == "rate_limit_exceeded"
+    finally:
+        srv.stop()
+
+
 def test_sigterm_drains_in_flight_then_exits(drain_engine):
     """Scale-down: SIGTERM refuses new work (readiness 503) but finishes the streams already running and keeps
     serving the KV caches that decode engines have yet to fetch; it exits once both are done.

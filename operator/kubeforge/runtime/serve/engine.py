@@ -120,6 +120,7 @@ class Engine:
         kv_fetch_timeout: float = 30.0,
         dtype: str = "float32",
         tokenizer_dir: str | None = None,
+        max_waiting: int = 1024,
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -133,6 +134,7 @@ class Engine:
         self.role = role
         self.engine_id = engine_id or f"kubeforge-{uuid.uuid4().hex[:12]}"
         self.max_num_seqs = max_num_seqs
+        self.max_waiting = max_waiting  # queued requests beyond this are answered 429 (0: no bound)
         self.policy = kv_load_failure_policy
         self.advertise_host = advertise_host
         self.port = port
@@ -537,6 +539,11 @@ def build_app(engine: Engine, request_timeout: float = 600.0) -> Starlette:
     async def generate(request: Request, api: str) -> Response:
         if engine.draining:
             return error_response(503, "engine is draining for shutdown", "service_unavailable")
+        if engine.max_waiting and engine.queue.qsize() >= engine.max_waiting:
+            resp = error_response(429, f"{engine.queue.qsize()} requests are waiting; retry later",
+                                  "rate_limit_exceeded")
+            resp.headers["Retry-After"] = "1"
+            return resp
         try:
             body = await request.json()
             if not isinstance(body, dict):
@@ -710,6 +717,11 @@ def build_app(engine: Engine, request_timeout: float = 600.0) -> Starlette:
     async def models(request: Request) -> Response:
         if engine.draining:
             return error_response(503, "engine is draining for shutdown", "service_unavailable")
+        if engine.max_waiting and engine.queue.qsize() >= engine.max_waiting:
+            resp = error_response(429, f"{engine.queue.qsize()} requests are waiting; retry later",
+                                  "rate_limit_exceeded")
+            resp.headers["Retry-After"] = "1"
+            return resp
         return JSONResponse(
             {
                 "object": "list",
@@ -801,6 +813,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--engine-id", default=None)
     p.add_argument("--max-num-seqs", type=int, default=8)
+    p.add_argument("--max-waiting", type=int, default=1024,
+                   help="queued requests beyond this are answered 429 (0: no bound)")
     p.add_argument("--kv-load-failure-policy", choices=["fail", "recompute"], default="fail")
     p.add_argument("--kv-ttl", type=float, default=60.0, help="seconds an unfetched KV cache is kept")
     p.add_argument("--kv-max-entries", type=int, default=256)
@@ -845,6 +859,7 @@ def main(argv=None) -> None:
         kv_fetch_timeout=a.kv_fetch_timeout,
         dtype=a.dtype,
         tokenizer_dir=a.tokenizer,
+        max_waiting=a.max_waiting,
     )
     app = build_app(engine, a.request_timeout)
     e = engine
