@@ -13,8 +13,9 @@ class OperatorSettings(BaseSettings):
 
     namespaces: list[str] = Field(default_factory=list)
     """Namespaces to watch (JSON list); empty = the whole cluster."""
-    resync_seconds: float = 5.0
-    """Every object is reconciled at least this often, besides on events."""
+    resync_seconds: float = 300.0
+    """Every object is reconciled at least this often, besides on events and the requeues a reconcile asks
+    for: a safety net, not the way the operator converges (a short one costs API calls per object)."""
     trainer_image: str = "ghcr.io/kubeforge/trainer:0.1.0"
     """Default image of training pods when a spec names none."""
     serve_image: str = "ghcr.io/kubeforge/vllm-serve:0.1.0"

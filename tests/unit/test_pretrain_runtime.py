@@ -111,6 +111,31 @@ def test_reporter_rate_limits_and_survives_failures(tmp_path: Path) -> None:
     write_termination_message({"x": 1}, {contract.ENV_TERMINATION_LOG: "/proc/definitely/not/writable"})
 
 
+def test_a_non_finite_loss_is_reported_as_json_the_api_server_accepts(tmp_path: Path) -> None:
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        payload = Progress(step=3, total_steps=10, tokens=30, loss=bad, tokens_per_second=bad).to_json()
+        json.dumps(payload, allow_nan=False)  # a bare NaN makes the pod patch a 400
+        assert payload["loss"] is None and payload["lossNonFinite"] == str(bad)
+
+
+def test_a_diverged_run_fails_at_once_or_restarts_per_its_policy() -> None:
+    """onDivergence Fail: exit 78 with reason Diverged, so the operator fails the job at once instead of
+    restarting it into the same NaN until maxRestarts; Restart: an ordinary crash (the gang restarts from
+    the newest checkpoint)."""
+    from kubeforge.api.kinds import TrainingSpec
+    from kubeforge.runtime.pretrain import Diverged, check_loss, exit_for
+
+    assert TrainingSpec(total_steps=1).on_divergence == "Fail"
+    check_loss(2.5, 3, "Fail")  # finite: nothing happens
+    with pytest.raises(Diverged) as diverged:
+        check_loss(float("nan"), 7, "Fail")
+    code, payload = exit_for(diverged.value)
+    assert code == contract.EXIT_INVALID_SPEC and payload["reason"] == "Diverged" and "step 7" in payload["message"]
+    with pytest.raises(FloatingPointError) as restart:
+        check_loss(float("inf"), 7, "Restart")
+    assert exit_for(restart.value)[0] == 1
+
+
 # ------------------------------------------------------------------------------------------ data stream
 
 
@@ -302,6 +327,25 @@ def store_steps(s3_env: dict[str, str], bucket: str, prefix: str) -> list[Any]:
     return CheckpointStore(f"s3://{bucket}/{prefix}", client=make_client(env=s3_env)).committed_checkpoints()
 
 
+def assert_export_is_the_trained_model(store: CheckpointStore, step: int, exported: Any, tmp: Path) -> None:
+    """Every weight of the exported Hugging Face model equals the one in the final training checkpoint (the
+    DCP files the gang wrote, converted with torch's own dcp_to_torch_save): an export that wrote the
+    initial weights, another rank's shard or a half-gathered FSDP parameter fails here."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    local = tmp / f"ckpt-{step}"
+    store.download(step, local)
+    dcp_to_torch_save(str(local), str(tmp / f"ckpt-{step}.pt"))
+    saved = torch.load(tmp / f"ckpt-{step}.pt", weights_only=False)
+    trained = saved["app"]["model"] if "app" in saved else {
+        k[len("app.model."):]: v for k, v in saved.items() if k.startswith("app.model.")}
+    got = exported.state_dict()
+    assert got and set(got) <= set(trained), sorted(set(got) - set(trained))[:5]
+    for name, tensor in got.items():
+        assert torch.equal(tensor, trained[name].to(tensor.dtype)), name
+
+
 def _ckpt_step(p: dict[str, Any]) -> int:
     return (p.get("lastCheckpoint") or {}).get("step", 0)
 
@@ -371,6 +415,7 @@ def test_train_preempt_kill_resume_and_export(s3_env: dict[str, str], bucket: st
     local = tmp_path / "final"
     store.download_final(local)
     model = AutoModelForCausalLM.from_pretrained(str(local))
+    assert_export_is_the_trained_model(store, 60, model, tmp_path)
     tok = AutoTokenizer.from_pretrained(str(local))
     ids = tok("The capital of ", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -420,3 +465,117 @@ def test_fsdp2_sharded_checkpoint_resume_and_export(s3_env: dict[str, str], buck
     store.download_final(tmp_path / "final")
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"))
     assert type(model).__name__ == "LlamaForCausalLM"
+    assert_export_is_the_trained_model(store, 16, model, tmp_path)
+
+
+def _count_gets(client: Any) -> list[str]:
+    """The keys of every GetObject the client sends (a hook on the real request, not a mock)."""
+    keys: list[str] = []
+    client.meta.events.register("provide-client-params.s3.GetObject",
+                                lambda params, **_: keys.append(params["Key"]))
+    return keys
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+def test_compressed_object_is_fetched_once_per_pass(s3_client: Any, bucket: str, suffix: str) -> None:
+    """Refilling the buffer continues the open decompressed stream instead of re-reading the object from
+    byte 0 (which made reading an object quadratic in its size)."""
+    import gzip
+
+    import zstandard
+
+    for name in ("a", "b"):
+        body = "".join(json.dumps({"text": f"doc {name}{j} " + "z" * (j % 9)}) + "\n" for j in range(400)).encode()
+        blob = gzip.compress(body) if suffix == ".gz" else zstandard.ZstdCompressor().compress(body)
+        s3_client.put_object(Bucket=bucket, Key=f"c/{name}.jsonl{suffix}", Body=blob)
+    gets = _count_gets(s3_client)
+    for rank in (0, 1):
+        s = _stream(s3_client, f"s3://{bucket}/c", rank, 2, batch_records=4)
+        first = s.order(0)[0][0]
+        while (s.state.epoch, s.state.file_pos) == (0, 0):  # until the first object is read through
+            s.next_sequence()
+    assert gets.count(first) == 2  # one pass per rank, not one per refill
+
+
+def test_resume_stays_in_the_same_object_when_objects_are_added(s3_client: Any, bucket: str) -> None:
+    """The resume state names the object, and the epoch order does not reshuffle when objects are added
+    under data.uri: a resumed stream continues in the object it was reading, at the same offset."""
+    docs = {f"part-{i}.jsonl": [f"doc {i}-{j} " + "q" * (j % 3) for j in range(30)] for i in range(6)}
+    _put_docs(s3_client, bucket, "g", docs)
+    uri = f"s3://{bucket}/g"
+    a = _stream(s3_client, uri, batch_records=4)
+    for _ in range(25):
+        a.next_sequence()
+    state = json.loads(json.dumps(a.state_dict()))
+    reading = a.order(0)[a.state.file_pos][0]
+    expected = [a.next_sequence() for _ in range(10)]
+
+    _put_docs(s3_client, bucket, "g", {f"new-{i}.jsonl": [f"added {i}"] for i in range(5)})
+    b = _stream(s3_client, uri, batch_records=4)
+    b.load_state_dict(state)
+    assert b.order(0)[b.state.file_pos][0] == reading
+    assert [b.next_sequence() for _ in range(10)] == expected
+
+
+def test_world_size_change_keeps_buffered_documents(s3_client: Any, bucket: str) -> None:
+    """Tokens a rank had read but not yet emitted are not dropped when the gang resumes at another world
+    size: each old rank's buffer comes out of some new rank's stream."""
+    docs = {f"part-{i}.jsonl": [f"doc {i}-{j} " + "w" * (j % 11) for j in range(50)] for i in range(2)}
+    _put_docs(s3_client, bucket, "ws", docs)
+    uri = f"s3://{bucket}/ws"
+    old = {r: _stream(s3_client, uri, r, 2, seq_len=8, batch_records=8) for r in (0, 1)}
+    for _ in range(7):
+        for s in old.values():
+            s.next_sequence()
+    states = {r: json.loads(json.dumps(s.state_dict())) for r, s in old.items()}
+    assert all(st["buffer"] for st in states.values())
+
+    def text(tokens: list[int]) -> str:
+        return bytes(t if t < 256 else ord("|") for t in tokens).decode()
+
+    for world in (1, 3):
+        new = {r: _stream(s3_client, uri, r, world, seq_len=8, batch_records=8) for r in range(world)}
+        out = {}
+        for r, s in new.items():
+            s.load_gang_state(states)
+            out[r] = text(sum((s.next_sequence()[:-1] for _ in range(40)), []))
+        for r, st in states.items():
+            buffered = text(st["buffer"][1:])  # the first token is also the last emitted one (overlap)
+            assert any(buffered in o for o in out.values()), (world, r, buffered)
+
+
+class CountingObjects(S3Objects):
+    """The real S3 reader, counting the bytes each object yields to the stream."""
+
+    def __init__(self, client: Any, uri: str) -> None:
+        super().__init__(client, uri)
+        self.bytes_read: dict[str, int] = {}
+
+    def read(self, key: str, offset: int, size: int, chunk: int = 1 << 20) -> Any:
+        for block in super().read(key, offset, size, chunk):
+            self.bytes_read[key] = self.bytes_read.get(key, 0) + len(block)
+            yield block
+
+
+def test_ranks_read_their_own_bytes_of_an_object(s3_client: Any, bucket: str) -> None:
+    """World size 4 over one large JSON-lines object: each rank reads (about) its quarter of the bytes, not
+    the whole object, and together the ranks take every document exactly once."""
+    docs = {name: [f"{name}-doc-{j:06d} " + "b" * (j % 50) for j in range(60_000)] for name in ("a", "z")}
+    _put_docs(s3_client, bucket, "big", {f"{n}.jsonl": d for n, d in docs.items()})
+    taken: list[str] = []
+    read = 0
+    for rank in range(4):
+        src = CountingObjects(s3_client, f"s3://{bucket}/big")
+        s = PackedStream(src, _byte_tok, eos_id=257, seq_len=4096, rank=rank, world_size=4, batch_records=256)
+        first_key = s.order(0)[0][0]
+        first = first_key.rsplit("/", 1)[-1].removesuffix(".jsonl")
+        out: list[int] = []
+        while (s.state.epoch, s.state.file_pos) == (0, 0):  # until this rank is through the first object
+            out += s.next_sequence()[:-1]
+        out += s.state.buffer
+        text = bytes(t if t < 256 else ord("|") for t in out).decode()
+        taken += [d for d in text.split("|") if d.startswith(f"{first}-doc-")]
+        read += src.bytes_read[first_key]
+    size = s3_client.head_object(Bucket=bucket, Key=first_key)["ContentLength"]
+    assert sorted(taken) == sorted(docs[first])  # every document once, across the ranks
+    assert read < 2 * size  # not 4 x: each rank its quarter (plus at most a read block past its end)

@@ -294,14 +294,67 @@ def test_queue_and_concurrency(engines, reference):
     ts = [threading.Thread(target=go, args=(i,)) for i in range(10)]
     for t in ts:
         t.start()
-    for _ in range(20):
+    # watch the engine until it showed queued or running work, or every request is already answered
+    deadline = time.monotonic() + 60
+    while not (waiting_seen and max(waiting_seen) >= 1) and any(t.is_alive() for t in ts) \
+            and time.monotonic() < deadline:
         waiting_seen.append(metric(both.url, m.VLLM_WAITING) + metric(both.url, m.VLLM_RUNNING))
-        time.sleep(0.01)
     for t in ts:
         t.join()
     want = reference[0](PROMPT, 12)
     assert all(r["choices"][0]["text"] == want for r in results)
     assert max(waiting_seen) >= 1
+
+
+def test_a_client_that_goes_away_frees_its_non_streaming_request(model_dir):
+    """The engine stops a non-streaming request whose client disconnected (a router that gave up, a user
+    who closed the tab) instead of holding it until its 600 s timeout. The engine's worker is stopped, so
+    the request waits in the queue for as long as the test needs: nothing depends on timing."""
+    import socket
+
+    srv = _server(model_dir, "both")
+    try:
+        srv.engine.stop()
+        srv.engine._worker.join(30)
+        body = json.dumps({"prompt": PROMPT, "max_tokens": 8}).encode()
+        client = socket.create_connection(("127.0.0.1", srv.port))
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+
+        def open_requests(want: int) -> int:
+            deadline = time.monotonic() + 30
+            while srv.engine.open_requests != want and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return srv.engine.open_requests
+
+        assert open_requests(1) == 1  # submitted, waiting for the (stopped) worker
+        queued = list(srv.engine.queue.queue)
+        client.close()
+        assert open_requests(0) == 0
+        assert [q.cancelled for q in queued] == [True]  # the worker would drop it, not run it
+    finally:
+        srv.stop()
+
+
+def test_a_full_queue_answers_429(model_dir):
+    """Back-pressure: with --max-waiting requests queued (the worker is stopped, so they stay queued) the
+    next one is refused with 429 and Retry-After instead of joining an unbounded queue."""
+    srv = _server(model_dir, "both")
+    srv.engine.max_waiting = 1
+    try:
+        srv.engine.stop()
+        srv.engine._worker.join(30)
+        held = threading.Thread(target=lambda: httpx.post(srv.url + "/v1/completions", timeout=60,
+                                                          json={"prompt": PROMPT, "max_tokens": 4}), daemon=True)
+        held.start()
+        deadline = time.monotonic() + 30
+        while srv.engine.queue.qsize() < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}, timeout=30)
+        assert r.status_code == 429 and r.headers["retry-after"]
+        assert r.json()["error"]["type"] == "rate_limit_exceeded"
+    finally:
+        srv.stop()
 
 
 def test_sigterm_drains_in_flight_then_exits(drain_engine):

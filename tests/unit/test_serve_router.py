@@ -31,6 +31,17 @@ def router_server(pools=None, discovery=None, **cfg) -> ThreadServer:
     return srv
 
 
+def poll(get, until, timeout: float = 30.0):
+    """Call get() until until(value) holds (or the bound passes); returns the last value: tests wait for the
+    state they need instead of sleeping and hoping."""
+    deadline = time.monotonic() + timeout
+    value = get()
+    while not until(value) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        value = get()
+    return value
+
+
 def dead_url() -> str:
     return f"http://127.0.0.1:{free_port()}"  # nothing listens there: a pod that is gone
 
@@ -274,8 +285,9 @@ def test_router_metrics_feed_autoscaler(engines, routers):
         timeout=30,
     ) as s:
         sse_events(s)
-    time.sleep(0.5)  # one engine scrape
-    sig = parse_router_metrics(httpx.get(pd.url + "/metrics").text)
+    sig = poll(lambda: parse_router_metrics(httpx.get(pd.url + "/metrics").text),
+               lambda sig: sig["decode"].in_flight == 0 and sig["decode"].itl_recent is not None
+               and sig["prefill"].ttft_recent is not None and sig["prefill"].prefill_recent is not None)
     assert sig["prefill"].replicas == 1 and sig["decode"].replicas == 1
     assert sig["prefill"].ttft_recent is not None and sig["prefill"].ttft_recent > 0
     assert sig["decode"].itl_recent is not None
@@ -331,6 +343,35 @@ def test_least_outstanding_spreads_load(echoes):
         rt.stop()
 
 
+def test_client_supplied_kv_transfer_params_never_reach_an_engine(echoes):
+    """kv_transfer_params name the host an engine pulls a KV cache from: a client that could set them would
+    make the engine fetch from any address it likes (server-side request forgery). Only the params a
+    prefill pod returned go to a decode pod."""
+    forged = {"do_remote_prefill": True, "remote_host": "169.254.169.254", "remote_port": 80,
+              "remote_engine_id": "x", "remote_block_ids": [1]}
+    p, d, solo = echoes(name="p"), echoes(name="d"), echoes(name="solo")
+    pd = router_server({"prefill": [p.url], "decode": [d.url]}, scrape_interval=0)
+    skip = router_server({"prefill": [p.url], "decode": [d.url]}, scrape_interval=0,
+                         prefill_threshold_tokens=10_000)  # short prompt: straight to decode
+    agg = router_server({"decode": [solo.url]}, scrape_interval=0)
+    try:
+        for rt, backend in ((agg, solo), (skip, d)):
+            r = httpx.post(rt.url + "/v1/completions", timeout=30,
+                           json={"prompt": PROMPT, "max_tokens": 2, "kv_transfer_params": forged})
+            assert r.status_code == 200
+            last = httpx.get(backend.url + "/debug/last", timeout=10).json()
+            assert set(last) == {"plain"}, last  # no decode leg with remote params was ever seen
+            assert "kv_transfer_params" not in last["plain"]["body"]
+        r = httpx.post(pd.url + "/v1/completions", timeout=30,
+                       json={"prompt": PROMPT, "max_tokens": 2, "kv_transfer_params": forged})
+        assert r.status_code == 200
+        sent = httpx.get(d.url + "/debug/last", timeout=10).json()["decode"]["body"]["kv_transfer_params"]
+        assert sent["remote_host"] != "169.254.169.254" and sent["remote_port"] != 80
+    finally:
+        for rt in (pd, skip, agg):
+            rt.stop()
+
+
 def test_decode_that_hangs_times_out(echoes):
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
@@ -349,6 +390,77 @@ def test_decode_that_hangs_times_out(echoes):
         )
         assert r.status_code == 504
         assert time.monotonic() - t0 < 6
+    finally:
+        rt.stop()
+        lsock.close()
+
+
+def test_a_stream_may_outlast_the_request_timeout(echoes):
+    """request_timeout bounds a whole non-streaming answer; a stream is bounded by the gap between two
+    chunks (read_timeout) and by stream_timeout when set, so a long generation is not cut."""
+    slow = echoes(delay=0.05)  # 40 tokens: about 2 s, with a chunk every 0.05 s
+    rt = router_server({"decode": [slow.url]}, read_timeout=10, request_timeout=0.5, scrape_interval=0)
+    try:
+        with httpx.stream("POST", rt.url + "/v1/completions", timeout=60,
+                          json={"prompt": PROMPT, "max_tokens": 40, "stream": True}) as r:
+            events = sse_events(r)
+        assert not any("error" in e for e in events if isinstance(e, dict)), events
+        assert sum(len(e["choices"][0]["text"]) for e in events if isinstance(e, dict)) == 40
+    finally:
+        rt.stop()
+
+
+def _held_upstream():
+    """A decode 'pod' that accepts a connection and never answers: the test holds the router's request."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    return lsock, f"http://127.0.0.1:{lsock.getsockname()[1]}"
+
+
+def _raw_post(url: str, path: str, body: dict) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    c = socket.create_connection((host, int(port)))
+    c.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return c
+
+
+def test_concurrency_is_bounded_with_429(echoes):
+    lsock, held = _held_upstream()
+    rt = router_server({"decode": [held]}, max_in_flight=1, request_timeout=300, scrape_interval=0)
+    try:
+        first = _raw_post(rt.url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4})
+        lsock.settimeout(60)
+        upstream, _ = lsock.accept()  # the first request is in flight, held there
+        r = httpx.post(rt.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}, timeout=30)
+        assert r.status_code == 429 and r.headers["retry-after"]
+        assert r.json()["error"]["type"] == "rate_limit_exceeded"
+        first.close()
+        upstream.close()
+    finally:
+        rt.stop()
+        lsock.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_goes_away_releases_the_upstream_request(stream):
+    """The router closes its connection to the engine when the client disconnects, so the engine can stop
+    the work (instead of the request holding a slot until the engine's own timeout)."""
+    lsock, held = _held_upstream()
+    rt = router_server({"decode": [held]}, request_timeout=300, read_timeout=300, scrape_interval=0)
+    try:
+        client = _raw_post(rt.url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4, "stream": stream})
+        lsock.settimeout(60)
+        upstream, _ = lsock.accept()
+        upstream.settimeout(60)  # a liveness bound for the test, far below the router's 300 s timeouts
+        received = upstream.recv(65536)
+        assert received.startswith(b"POST /v1/completions")
+        client.close()
+        rest = b"".join(iter(lambda: upstream.recv(65536), b""))  # returns once the router hangs up
+        assert b"POST" not in rest
+        upstream.close()
     finally:
         rt.stop()
         lsock.close()
@@ -600,8 +712,7 @@ def test_router_sigterm_drains(echoes):
             lines = s.iter_lines()
             assert next(line for line in lines if line.startswith("data: "))
             rt.signal(signal.SIGTERM)
-            time.sleep(0.1)
-            assert httpx.get(rt.url + "/ready").status_code == 503
+            assert poll(lambda: httpx.get(rt.url + "/ready").status_code, lambda code: code == 503) == 503
             rest = [line for line in lines if line.startswith("data: ")]
         assert rest[-1] == "data: [DONE]" and len(rest) == 20  # 19 more tokens, then [DONE]
         assert rt.proc.wait(10) == 0

@@ -381,6 +381,17 @@ def test_router_argv_parses_with_kubernetes_discovery(obj, prefill_sel, decode_s
     assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
     if obj is REF_PD:
         assert (a.prefill_threshold_tokens, a.picking) == (16, "round-robin")
+    assert (a.request_timeout, a.stream_timeout, a.max_in_flight) == (600, 0, 1024)  # the API's defaults
+
+
+def test_router_timeouts_and_concurrency_come_from_the_spec():
+    obj = _obj(with_(REF_PD, "spec.router", {"requestTimeoutSeconds": 1200, "streamTimeoutSeconds": 7200,
+                                             "maxInFlight": 64}))
+    from kubeforge.runtime.serve.router import parse_args
+
+    c = children(obj)[("Deployment", "tiny-router")]["spec"]["template"]["spec"]["containers"][0]
+    a = parse_args(_expand(c["command"], POD_ENV)[3:])
+    assert (a.request_timeout, a.stream_timeout, a.max_in_flight) == (1200, 7200, 64)
 
 
 def test_router_rbac_is_least_privilege():

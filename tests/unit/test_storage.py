@@ -243,3 +243,27 @@ def test_uri_and_client_from_env(s3_env: dict[str, str]) -> None:
     assert c.meta.config.retries["mode"] == "standard" and c.meta.config.retries["total_max_attempts"] >= 5
     c2 = make_client(endpoint="http://127.0.0.1:1", env=s3_env)
     assert c2.meta.endpoint_url == "http://127.0.0.1:1"
+
+
+def test_latest_never_moves_back_past_a_committed_step(s3_env: dict[str, str], bucket: str, tmp_path: Path) -> None:
+    """A commit of an older step (a writer that resumed further back) leaves `latest` on the newer committed
+    step; once that step is rejected (uncommitted), `latest` may point at the older one again."""
+    store = CheckpointStore(f"s3://{bucket}/ck", client=make_client(env=s3_env))
+    for step in (10, 20):
+        store.save_dir(_shards(tmp_path, f"s{step}"), step)
+    store.save_dir(_shards(tmp_path, "s15"), 15)
+    assert store.latest_hint() == 20
+    store.reject(20, "sha256 mismatch")
+    assert [c.step for c in store.committed_checkpoints()] == [10, 15] and store.rejected_steps() == [20]
+    store.save_dir(_shards(tmp_path, "s16"), 16)
+    assert store.latest_hint() == 16
+
+
+def test_retention_does_not_count_a_rejected_checkpoint(s3_env: dict[str, str], bucket: str,
+                                                        tmp_path: Path) -> None:
+    store = CheckpointStore(f"s3://{bucket}/ck", client=make_client(env=s3_env))
+    for step in (10, 20, 30):
+        store.save_dir(_shards(tmp_path, f"s{step}"), step)
+    store.reject(30, "sha256 mismatch")
+    assert store.apply_retention(keep=2) == []  # 10 and 20 are the two good ones: both kept
+    assert [c.step for c in store.committed_checkpoints()] == [10, 20]

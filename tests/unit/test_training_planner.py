@@ -31,7 +31,8 @@ def ctx(obj: dict) -> JobContext:
     spec = parse_spec(obj)
     builder = TorchrunGang(obj=obj, resources=spec.resources, scheduling=spec.scheduling,
                            module="kubeforge.runtime.pretrain", resolved_spec=spec.to_wire(),
-                           secret_name="kubeforge-s3", s3_endpoint=None)
+                           secret_name="kubeforge-s3", s3_endpoint=None,
+                           grace_seconds=spec.run_policy.termination_grace_period_seconds)
     return JobContext(obj=obj, spec=spec, builder=builder, workload_version="v1beta2")
 
 
@@ -193,6 +194,53 @@ def test_invalid_spec_exit_code_fails_at_once_without_restarts():
     assert "ptj-worker-0: data.uri holds no objects" in cond(p.status, "Failed").message
 
 
+def test_exit_78_takes_the_reason_the_runtime_wrote():
+    msg = json.dumps({"reason": "CheckpointsUnusable", "message": "every checkpoint was rejected"})
+    pods = [pod(0, "Failed", exit_code=contract.EXIT_INVALID_SPEC, message=msg), pod(1)]
+    p = plan(ctx(job(running_status())), Observed(pods=pods), T0)
+    assert p.status.phase == "Failed" and p.status.restarts == 0
+    assert cond(p.status, "Failed").reason == "CheckpointsUnusable"
+    assert cond(p.status, "Failed").message == "ptj-worker-0: every checkpoint was rejected"
+
+
+def test_a_failed_pod_being_deleted_is_still_a_failure():
+    """The operator deleted the gang of a failure and died before its status write: the next reconcile sees
+    the failed pod terminating. That is a failure (restart budget), not a preemption."""
+    pods = [pod(0, deleting=True), pod(1, "Failed", exit_code=1, message="NCCL timeout", deleting=True)]
+    p = plan(ctx(job(running_status(restarts=3))), Observed(pods=pods), T0)
+    assert p.status.phase == "Failed" and p.status.preemptions == 0
+    assert cond(p.status, "Failed").reason == "BackoffLimitExceeded"
+
+
+def test_a_partially_created_gang_is_completed_not_torn_down():
+    """A create that failed half-way (a ResourceQuota refusing the second pod) leaves part of the gang: the
+    next reconcile creates the missing pods instead of deleting the present ones and starting over."""
+    status = running_status(phase="Starting", startTime=None)
+    p = plan(ctx(job(status)), Observed(pods=[pod(0, "Pending")]), T0)
+    assert p.delete_pods == [] and p.status.preemptions == 0 and p.status.attempt == 0
+    assert [m["metadata"]["name"] for m in p.create if m["kind"] == "Pod"] == ["ptj-worker-1"]
+
+
+def test_pods_of_a_previous_object_with_the_same_name_are_waited_for():
+    """A job deleted and created again (GitOps) under the same name: the old object's pods, still
+    terminating, are not the new one's; it waits for them instead of adopting them."""
+    old = [dict(pod(r, deleting=True), metadata=dict(pod(r, deleting=True)["metadata"],
+                                                         ownerReferences=[{"uid": "old-uid"}])) for r in (0, 1)]
+    p = plan(ctx(job()), Observed(pods=[], foreign=old), T0)
+    assert [m for m in p.create if m["kind"] == "Pod"] == [] and p.delete_pods == []
+    assert "previous" in p.status.message and p.requeue_after
+
+
+def test_sigterm_grace_comes_from_the_run_policy():
+    """The pods' grace must cover finishing a step plus a whole checkpoint upload, which only the user can
+    size (model, bandwidth): runPolicy.terminationGracePeriodSeconds, stored with its default."""
+    default = [m for m in plan(ctx(job()), Observed(), T0).create if m["kind"] == "Pod"]
+    assert {m["spec"]["terminationGracePeriodSeconds"] for m in default} == {300}
+    big = job(runPolicy={"terminationGracePeriodSeconds": 1800})
+    pods = [m for m in plan(ctx(big), Observed(), T0).create if m["kind"] == "Pod"]
+    assert {m["spec"]["terminationGracePeriodSeconds"] for m in pods} == {1800}
+
+
 def test_eviction_restarts_without_spending_the_budget():
     pods = [pod(0, "Failed", reason="Evicted"), pod(1)]
     p = plan(ctx(job(running_status(restarts=3))), Observed(pods=pods), T0)
@@ -251,6 +299,16 @@ def test_progress_annotation_becomes_status():
     prog = p.status.progress
     assert (prog.step, prog.percent, prog.loss, prog.eta) == (5, 25, 3.1, "1m15s")
     assert p.status.last_checkpoint.step == 5
+
+
+def test_a_non_finite_loss_in_a_report_keeps_the_status_writable():
+    """Python's json reads a bare NaN (an older runtime wrote them); the API server rejects one, so the status
+    would freeze on the first diverged step."""
+    raw = '{"step": 7, "totalSteps": 20, "tokens": 10, "loss": NaN, "tokensPerSecond": Infinity}'
+    pods = [pod(0, annotations={contract.PROGRESS_ANNOTATION: raw}), pod(1)]
+    p = plan(ctx(job(running_status())), Observed(pods=pods), T0)
+    assert p.status.progress.step == 7 and p.status.progress.loss is None
+    json.dumps(p.status.to_wire(), allow_nan=False)  # what the API server accepts
 
 
 def test_ttl_deletes_the_finished_job():

@@ -185,6 +185,10 @@ class RunPolicy(ApiModel):
     """Restart the gang when no progress has been reported for this long (a hung collective)."""
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
     """Delete the job this long after it succeeded or failed."""
+    termination_grace_period_seconds: int = Field(default=300, ge=1, le=86400)
+    """Grace of every pod after SIGTERM (suspension, eviction, preemption): it must cover finishing the
+    current step plus uploading a whole checkpoint, else the kubelet kills the pod mid-upload and the work
+    since the previous checkpoint is lost."""
 
 
 class OptimizerSpec(ApiModel):

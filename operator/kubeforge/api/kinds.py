@@ -43,6 +43,10 @@ class TrainingSpec(ApiModel):
     """Report progress every this many steps."""
     seed: int = Field(default=0, ge=0)
     """Seed for initialisation and data order."""
+    on_divergence: Literal["Fail", "Restart"] = "Fail"
+    """A non-finite loss (NaN/Inf): Fail stops the job at once with reason Diverged (retrying from the same
+    checkpoint and data replays the same NaN); Restart restarts the gang from the newest checkpoint,
+    spending the restart budget (for a divergence that does not reproduce, e.g. a hardware fault)."""
 
 
 class PretrainJobSpec(ApiModel):
@@ -340,6 +344,12 @@ class RouterSpec(ApiModel):
     """How a pod is picked within a pool."""
     image: str | None = Field(default=None, max_length=512)
     """Router image; defaults to the pools' image."""
+    request_timeout_seconds: float = Field(default=600, gt=0, le=86400)
+    """Longest non-streaming answer; beyond it the client gets 504."""
+    stream_timeout_seconds: float = Field(default=0, ge=0, le=604800)
+    """Longest whole stream; 0: no bound (a stream that stops sending for a minute ends anyway)."""
+    max_in_flight: int = Field(default=1024, ge=1, le=1_000_000)
+    """Client requests one router pod serves at once, streams until their end; more are answered 429."""
 
 
 class InferenceDeploymentSpec(ApiModel):

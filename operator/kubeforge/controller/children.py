@@ -25,6 +25,14 @@ def owner_reference(obj: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def owned_by(obj: dict[str, Any], child: dict[str, Any]) -> bool:
+    """Whether `obj` (this very object: its uid, not its name) controls `child`. Labels carry only the name,
+    which a deleted and re-created object shares with the old one's still-terminating children."""
+    uid = obj["metadata"].get("uid")
+    return any(ref.get("uid") == uid and ref.get("controller")
+               for ref in child.get("metadata", {}).get("ownerReferences") or [])
+
+
 def job_labels(obj: dict[str, Any], role: str | None = None) -> dict[str, str]:
     labels = {
         contract.LABEL_JOB_NAME: obj["metadata"]["name"],

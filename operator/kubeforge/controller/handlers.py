@@ -1,7 +1,9 @@
 """kopf wiring: thin handlers that hand every event to the Reconciler.
 
-kopf knows nothing of desired vs actual state, so convergence is driven by three triggers that all run the
-same idempotent reconcile: an event on the object, an event on one of its pods, and a periodic timer.
+kopf knows nothing of desired vs actual state, so convergence is driven by triggers that all run the same
+idempotent reconcile: an event on the object; events on its pods, folded into one reconcile a moment later
+(a gang's pods emit dozens in a burst); the `requeue_after` a reconcile asks for (a deadline, a backoff, a
+schedule timeout); and a slow safety-net timer (KUBEFORGE_RESYNC_SECONDS) for anything missed.
 No handler needs a finalizer: children are owned (garbage-collected) and nothing lives outside the cluster.
 """
 
@@ -21,12 +23,15 @@ from kubeforge.settings import OperatorSettings
 
 from .kube import Kube
 from .reconciler import Reconciler
+from .requeue import Requeue
 from .webhook import self_signed_certificate
 
 log = logging.getLogger("kubeforge")
 
 SETTINGS = OperatorSettings()
+POD_EVENTS_FOLD_S = 1.0  # pod events within this long of the first become one reconcile of their job
 _reconciler: Reconciler | None = None
+_requeue: Requeue | None = None
 
 
 def reconciler() -> Reconciler:
@@ -36,8 +41,20 @@ def reconciler() -> Reconciler:
     return _reconciler
 
 
-@kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+def requeue() -> Requeue:
+    global _requeue
+    if _requeue is None:
+        _requeue = Requeue(lambda key: reconciler().reconcile(*key), workers=8)  # type: ignore[misc]
+    return _requeue
+
+
+# the pods kubeforge made; the API server filters the pod watch by it, so the operator never streams (and
+# keeps in memory) every pod of the cluster
+CHILD_POD_SELECTOR = f"{contract.LABEL_JOB_KIND},{contract.LABEL_JOB_NAME}"
+
+
+def tune(settings: kopf.OperatorSettings) -> None:
+    """kopf's settings, apart from anything that needs a cluster."""
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -45,7 +62,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING  # kubeforge posts its own, meaningful events
     settings.execution.max_workers = 16
     settings.watching.server_timeout = 300
+    settings.watching.label_selectors["", "v1", "pods"] = CHILD_POD_SELECTOR
     settings.networking.request_timeout = 60
+    settings.networking.connect_timeout = 10
     if SETTINGS.webhook:
         host = SETTINGS.webhook_host or "127.0.0.1"
         certfile, keyfile = SETTINGS.webhook_certfile, SETTINGS.webhook_keyfile
@@ -56,6 +75,11 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
             addr=SETTINGS.webhook_listen, port=SETTINGS.webhook_port, host=host,
             certfile=certfile, pkeyfile=keyfile)
         settings.admission.managed = f"validate.{GROUP}"
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    tune(settings)
     # the Kubernetes client the reconciler uses: same config kopf logged in with
     from kubernetes import config
 
@@ -66,11 +90,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 def _reconcile(kind: str, namespace: str, name: str) -> None:
-    try:
-        reconciler().reconcile(kind, namespace, name)
-    except Exception as exc:  # kopf retries TemporaryError with a delay; log the cause once
-        log.exception("reconcile of %s %s/%s failed", kind, namespace, name)
-        raise kopf.TemporaryError(f"reconcile failed: {exc}", delay=5) from exc
+    """Reconcile now, on the requeue workers: kopf never retries an event handler that failed, the
+    scheduler does (with backoff), and it runs whatever requeue_after the reconcile asks for."""
+    requeue().after((kind, namespace, name), 0)
 
 
 def _register(kind_name: str, plural: str) -> None:
@@ -100,7 +122,8 @@ for _kind in KINDS:
 
 @kopf.on.event("", "v1", "pods", labels={contract.LABEL_JOB_KIND: kopf.PRESENT, contract.LABEL_JOB_NAME: kopf.PRESENT})
 def on_child_pod(body: kopf.Body, labels: dict[str, str], namespace: str | None, **_: Any) -> None:
-    """A pod of a job changed: keep its report (even from a deleted pod), then reconcile the owner now."""
+    """A pod of a job changed: keep its report (even from a deleted pod), then reconcile the owner soon, once
+    for the whole burst of events its gang emits."""
     if not namespace:
         return
     kind, name = labels[contract.LABEL_JOB_KIND], labels[contract.LABEL_JOB_NAME]
@@ -108,4 +131,4 @@ def on_child_pod(body: kopf.Body, labels: dict[str, str], namespace: str | None,
         reconciler().record_pod_report(kind, namespace, name, dict(body))
     except Exception:
         log.exception("could not record the report of pod %s/%s", namespace, body.get("metadata", {}).get("name"))
-    _reconcile(kind, namespace, name)
+    requeue().after((kind, namespace, name), POD_EVENTS_FOLD_S)

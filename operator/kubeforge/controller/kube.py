@@ -20,6 +20,7 @@ from kubeforge import GROUP, VERSION
 log = logging.getLogger(__name__)
 
 FIELD_MANAGER = "kubeforge"
+DEFAULT_TIMEOUT = (10.0, 60.0)  # connect, read
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,10 @@ def resource_for(manifest: dict[str, Any]) -> Resource:
 class Kube:
     """Thin JSON client over the kubernetes ApiClient (configuration, auth and TLS come from it)."""
 
-    def __init__(self, api_client: client.ApiClient | None = None) -> None:
+    def __init__(self, api_client: client.ApiClient | None = None,
+                 timeout: tuple[float, float] = DEFAULT_TIMEOUT) -> None:
         self.api_client = api_client or client.ApiClient()
+        self.timeout = timeout  # (connect, read) seconds: a stuck server fails the call, never the operator
         self._served: dict[str, bool] = {}
 
     # --- raw -------------------------------------------------------------------------------------------
@@ -91,6 +94,7 @@ class Kube:
         resp = self.api_client.call_api(
             path, method, query_params=query or [], header_params=headers, body=body,
             auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True,
+            _request_timeout=self.timeout,
         )
         data = resp.data
         return json.loads(data) if data else None

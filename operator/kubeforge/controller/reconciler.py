@@ -17,7 +17,7 @@ from kubeforge.api.validation import parse_spec, validate
 from kubeforge.settings import OperatorSettings
 
 from . import kueue, pods
-from .children import selector
+from .children import owned_by, selector
 from .conditions import set_kstatus
 from .kube import RESOURCES, Kube, Resource, resource_for
 from .training import Event, JobContext, Observed, Plan, Source, merge_progress, plan
@@ -188,8 +188,11 @@ class Reconciler:
             s3_endpoint=spec.checkpoint.endpoint, python=self.settings.python,
             model_secret_name=spec.model.secret_ref.name if spec.model.secret_ref else None,
             data_secret_name=spec.data.secret_ref.name if spec.data.secret_ref else None,
+            grace_seconds=spec.run_policy.termination_grace_period_seconds,
         )
-        observed = Observed(pods=self.kube.list(RESOURCES["Pod"], ns, selector(obj)), source=source)
+        labelled = self.kube.list(RESOURCES["Pod"], ns, selector(obj))
+        observed = Observed(pods=[p for p in labelled if owned_by(obj, p)],
+                            foreign=[p for p in labelled if not owned_by(obj, p)], source=source)
         version = "v1beta2"
         queue, priority, priority_error = self.kueue_queue_and_priority(obj, spec)
         if queue or spec.scheduling.gang == "kueue":
@@ -261,11 +264,16 @@ class Reconciler:
                     raise
                 # Kueue wrote the Workload since we read it: decide again from what it wrote.
                 result.requeue_after = min(result.requeue_after or 1.0, 1.0)
+        # the status first when pods go: it records why (a failure spends the restart budget), so an operator
+        # killed between the two finds the next attempt recorded and deletes the old pods as stale, instead
+        # of finding them gone and taking the failure for a preemption
+        written = bool(result.delete_pods) and self.write_status(obj, result.status)
         for pod in result.delete_pods:
             self.kube.delete(RESOURCES["Pod"], ns, pod)
         for manifest in result.create:
             self.apply_child(manifest)
-        self.write_status(obj, result.status)
+        if not written:
+            self.write_status(obj, result.status)
         self.post_events(obj, result.events)
         if result.delete_job:
             self.kube.delete(RESOURCES[obj["kind"]], ns, name)

@@ -299,6 +299,9 @@ def router_deployment(
         "--prefill-threshold-tokens", str(r.prefill_threshold_tokens),
         "--picking", r.picking,
         "--drain-timeout", str(ROUTER_DRAIN_S),
+        "--request-timeout", f"{r.request_timeout_seconds:g}",
+        "--stream-timeout", f"{r.stream_timeout_seconds:g}",
+        "--max-in-flight", str(r.max_in_flight),
     ]
     container = {
         "name": "router",

@@ -30,7 +30,8 @@ from .children import (
 
 ROLE = "worker"
 SPEC_VOLUME = "kubeforge-spec"
-GRACE_SECONDS = 120  # time for the runtime to finish a step and write its checkpoint on SIGTERM
+GRACE_SECONDS = 300  # time for the runtime to finish a step and write its checkpoint on SIGTERM (the default
+# of runPolicy.terminationGracePeriodSeconds)
 
 
 def master_port(uid: str) -> int:
@@ -50,6 +51,7 @@ class TorchrunGang:
     python: str = "python"
     model_secret_name: str | None = None  # model.secretRef, when it is not secret_name
     data_secret_name: str | None = None  # data.secretRef, likewise
+    grace_seconds: int = GRACE_SECONDS  # runPolicy.terminationGracePeriodSeconds
 
     @property
     def name(self) -> str:
@@ -151,7 +153,7 @@ class TorchrunGang:
             "hostname": child_name(self.name, ROLE, rank),
             "subdomain": self.name,
             "serviceAccountName": self.service_account(),
-            "terminationGracePeriodSeconds": GRACE_SECONDS,
+            "terminationGracePeriodSeconds": self.grace_seconds,
             "containers": [container],
             "volumes": [
                 {"name": SPEC_VOLUME, "configMap": {"name": self.spec_config_map_name()}},

@@ -43,7 +43,9 @@ class Source:
 
 @dataclass
 class Observed:
-    pods: list[dict[str, Any]] = field(default_factory=list)
+    pods: list[dict[str, Any]] = field(default_factory=list)  # this object's pods (owner uid), any attempt
+    foreign: list[dict[str, Any]] = field(default_factory=list)  # same labels, another owner: a deleted
+    # object of the same name whose pods still terminate
     workload: dict[str, Any] | None = None
     flavors: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: Source = field(default_factory=Source)
@@ -119,6 +121,8 @@ def merge_progress(status: JobStatus, report: dict[str, Any] | None) -> None:
     """Fold rank 0's report into the status (progress survives across attempts: new pods start empty)."""
     if not report:
         return
+    # a bare NaN/Infinity (json reads them) would make the status write a 400 and freeze the status
+    report = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in report.items()}
     step, total = report.get("step"), report.get("totalSteps")
     status.progress = Progress(
         step=step, total_steps=total, tokens=report.get("tokens"), loss=report.get("loss"),
@@ -326,6 +330,12 @@ class _Planner:
 
     def gang(self) -> None:
         s = self.status
+        if self.observed.foreign:  # their names are ours: wait until they are gone, never adopt them
+            s.phase = s.phase or "Pending"
+            s.message = (f"waiting for {len(self.observed.foreign)} pods of a previous object named "
+                         f"{self.obj['metadata']['name']} to terminate")
+            self.requeue(2)
+            return
         if self.stale:
             self.delete_all_pods_of(self.stale)
             s.phase = "Restarting"
@@ -367,12 +377,16 @@ class _Planner:
             s.gang_created_at = rfc3339(self.now)
         for p in sorted(cur, key=pods.index):
             if pods.phase(p) == "Failed" and pods.exit_code(p) == contract.EXIT_INVALID_SPEC:
-                msg = pods.termination_message(p) or "the runtime rejected the spec"
-                return self.finish(False, "InvalidSpec", f"{pods.name(p)}: {msg}")
+                report = pods.final_report(p) or {}
+                msg = str(report.get("message") or pods.termination_message(p) or "the runtime rejected the spec")
+                reason = str(report.get("reason") or "InvalidSpec")
+                return self.finish(False, reason, f"{pods.name(p)}: {msg}")
         for p in sorted(cur, key=pods.index):
-            why = pods.disrupted(p) or ("deleted" if pods.deleting(p) else None)
+            why = pods.disrupted(p)
             if why:
                 return self.teardown("Preempted", f"pod {pods.name(p)} was taken away ({why})", failure=False)
+        # a failed pod is a failure even while it is being deleted: the operator may have deleted the gang
+        # and died before writing the status that counted the restart
         failed = [p for p in sorted(cur, key=pods.index) if pods.phase(p) == "Failed"]
         if failed:
             p = failed[0]
@@ -381,9 +395,16 @@ class _Planner:
             if msg and not msg.startswith("{"):
                 detail += f": {msg[-300:]}"
             return self.fail_or_restart("PodFailed", detail)
+        for p in sorted(cur, key=pods.index):
+            if pods.deleting(p):
+                return self.teardown("Preempted", f"pod {pods.name(p)} was taken away (deleted)", failure=False)
         if len(cur) < size:
             present = {pods.index(p) for p in cur}
             missing = [i for i in range(size) if i not in present]
+            if self.old.phase != "Running":
+                # never all up: a create that failed half-way (quota, a restarted operator); complete the
+                # gang instead of tearing down what exists and creating it again, forever
+                return self.complete_gang(missing)
             return self.teardown("PodMissing", f"gang pods {missing} disappeared", failure=False)
         if all(pods.phase(p) == "Succeeded" for p in cur):
             return self.succeed()
@@ -404,6 +425,15 @@ class _Planner:
         s.message = f"{size}/{size} pods running (attempt {s.attempt})"
         s.start_time = s.start_time or rfc3339(self.now)
         return self.check_progress_deadline(created)
+
+    def complete_gang(self, missing: list[int]) -> None:
+        b = self.ctx.builder
+        self.plan.create.extend(b.support_children(self.backend))
+        self.plan.create.extend(m for m in b.pods(self.status.attempt, self.placement(), self.backend)
+                                if pods.index(m) in missing)
+        self.status.phase = "Starting"
+        self.status.message = f"creating the missing gang pods {missing} (attempt {self.status.attempt})"
+        self.requeue(5)
 
     def check_progress_deadline(self, gang_created: datetime | None) -> None:
         deadline = self.spec.run_policy.progress_deadline_seconds

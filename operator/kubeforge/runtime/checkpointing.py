@@ -9,10 +9,15 @@ Save (every rank, same step):
    ranks on one machine may share the dir and ranks on separate nodes need no shared filesystem.
 3. When every rank's upload is done (the training loop learns this from the one small all-reduce it does
    per step, see `local_done`), `finalize()` gathers the file entries and rank 0 writes the manifest: the
-   commit point. Then retention.
+   commit point. Then retention. A checkpoint whose upload or commit failed on any rank is skipped (the
+   gang trains on; the next interval tries again); MAX_FAILED_IN_A_ROW failures in a row stop the run.
 
 Restore: rank 0 picks the newest committed checkpoint, each node's local rank 0 downloads it (sha256
-verified; on a mismatch the next older one is tried), and `dcp.load` reshards it into the current gang.
+verified; on a mismatch the step is rejected in the store and the next older one is tried), and `dcp.load`
+reshards it into the current gang. Restore never silently starts from step 0 over existing work: when the
+URI holds checkpoints (committed or rejected) and none loads it raises CheckpointsUnusable, and checkpoints
+written by another run (a re-created job with the same URI: another uid in the manifest's meta.run) are
+refused as an invalid spec.
 
 The commit protocol around DCP is kubeforge's own; DCP does the (re)sharding, s3transfer moves the bytes.
 """
@@ -38,6 +43,11 @@ log = logging.getLogger(__name__)
 
 ASYNC_ENV = "KUBEFORGE_ASYNC_CHECKPOINT"
 SHARD_RE = re.compile(r"^__(\d+)_\d+\.distcp$")
+
+
+class CheckpointsUnusable(StorageError):
+    """The checkpoint URI holds checkpoints, but none can be loaded: starting from step 0 would silently
+    throw the run's progress away (and retention would then delete the evidence), so the runtime stops."""
 
 
 def owner_rank(name: str) -> int:
@@ -101,6 +111,8 @@ class _Pending:
 
 
 class Checkpointer:
+    MAX_FAILED_IN_A_ROW = 3  # a failed upload or commit skips that checkpoint; this many in a row stop the run
+
     def __init__(
         self,
         store: CheckpointStore,
@@ -124,6 +136,7 @@ class Checkpointer:
         self.pending: _Pending | None = None
         self.last: Checkpoint | None = None  # newest committed (rank 0 knows; others get step/uri too)
         self.last_step: int | None = None
+        self.failed_in_a_row = 0
         self._pg: Any = None
 
     # ------------------------------------------------------------------------------------------ save
@@ -195,26 +208,40 @@ class Checkpointer:
         gathered: list[Any] = [None] * self.denv.world_size
         dist.all_gather_object(gathered, mine)
         errors = [g["error"] for g in gathered if isinstance(g, dict)]
-        if errors:
-            raise StorageError(f"checkpoint {p.step} upload failed: {errors[0]}")
         committed: list[Any] = [None]
-        if self.denv.rank == 0:
+        if self.denv.rank == 0 and not errors:
             from ..storage.checkpoint import FileEntry
 
-            entries = [FileEntry(e["path"], e["size"], e["sha256"]) for g in gathered for e in g]
-            ckpt = self.store.commit(p.step, entries, tokens=p.tokens,
-                                     meta=dict(self.meta, worldSize=self.denv.world_size))
-            log.info("checkpoint %s committed (%d files, %.1f MB)", ckpt.uri, len(entries), ckpt.size / 1e6)
             try:
-                deleted = self.store.apply_retention(self.keep)
-                if deleted:
-                    log.info("retention: removed steps %s", deleted)
-            except Exception as exc:  # noqa: BLE001 - retention is housekeeping; the commit stands
-                log.warning("retention failed: %s", exc)
-            shutil.rmtree(p.local_dir, ignore_errors=True)
-            committed[0] = {"uri": ckpt.uri, "step": ckpt.step, "time": ckpt.time}
-            self.last = ckpt
+                entries = [FileEntry(e["path"], e["size"], e["sha256"]) for g in gathered for e in g]
+                ckpt = self.store.commit(p.step, entries, tokens=p.tokens,
+                                         meta=dict(self.meta, worldSize=self.denv.world_size))
+                log.info("checkpoint %s committed (%d files, %.1f MB)", ckpt.uri, len(entries), ckpt.size / 1e6)
+                committed[0] = {"uri": ckpt.uri, "step": ckpt.step, "time": ckpt.time}
+                self.last = ckpt
+            except Exception as exc:  # noqa: BLE001 - every rank learns of it below
+                committed[0] = {"error": f"commit: {type(exc).__name__}: {exc}"}
+            if self.last is not None and committed[0] and "error" not in committed[0]:
+                try:
+                    deleted = self.store.apply_retention(self.keep)
+                    if deleted:
+                        log.info("retention: removed steps %s", deleted)
+                except Exception as exc:  # noqa: BLE001 - retention is housekeeping; the commit stands
+                    log.warning("retention failed: %s", exc)
         dist.broadcast_object_list(committed, src=0)
+        if self.denv.local_rank == 0:
+            shutil.rmtree(p.local_dir, ignore_errors=True)
+        if errors or "error" in committed[0]:
+            # one checkpoint lost is one interval of work at risk, not a reason to kill the whole gang;
+            # storage that keeps failing is
+            why = errors[0] if errors else committed[0]["error"]
+            self.failed_in_a_row += 1
+            if self.failed_in_a_row >= self.MAX_FAILED_IN_A_ROW:
+                raise StorageError(f"{self.failed_in_a_row} checkpoints in a row failed (step {p.step}: {why})")
+            log.warning("checkpoint %d skipped: %s (%d in a row; training goes on)", p.step, why,
+                        self.failed_in_a_row)
+            return None
+        self.failed_in_a_row = 0
         self.last_step = p.step
         self.last_ref = committed[0]
         return self.last
@@ -235,30 +262,65 @@ class Checkpointer:
         return self.finalize()
 
     # ------------------------------------------------------------------------------------------ restore
+    def _candidates(self) -> dict[str, Any]:
+        """Rank 0: the committed steps to try, newest first, or the reason restore must not go on."""
+        committed = self.store.committed_checkpoints()
+        run = self.meta.get("run") or {}
+        foreign = [c for c in committed if run.get("uid") and (c.meta.get("run") or {}).get("uid")
+                   not in (None, run.get("uid"))]
+        if foreign:
+            other = foreign[-1].meta["run"]
+            return {"invalid": f"{self.store.uri} holds checkpoints of another run ({other.get('namespace')}/"
+                               f"{other.get('name')}, uid {other.get('uid')}); this job (uid {run.get('uid')}) "
+                               "will not resume from them: give it its own checkpoint.uri or delete them"}
+        rejected = self.store.rejected_steps()
+        if not committed and rejected:
+            return {"unusable": f"every checkpoint under {self.store.uri} was rejected (steps {rejected}); "
+                                "refusing to start over from step 0"}
+        return {"steps": [c.step for c in reversed(committed)]}
+
     def restore(self, app: AppState) -> dict[str, Any] | None:
-        """Collective: load the newest committed checkpoint into `app`; returns its train state or None."""
+        """Collective: load the newest loadable committed checkpoint into `app`; returns its train state, or
+        None when the URI holds no checkpoint at all."""
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
 
-        candidates: list[Any] = [None]
+        from .training import InvalidSpec
+
+        plan: list[Any] = [None]
         if self.denv.rank == 0:
-            candidates[0] = [c.step for c in reversed(self.store.committed_checkpoints())][:3]
-        dist.broadcast_object_list(candidates, src=0)
-        for step in candidates[0] or []:
+            plan[0] = self._candidates()
+        dist.broadcast_object_list(plan, src=0)
+        if "invalid" in plan[0]:
+            raise InvalidSpec(plan[0]["invalid"], "spec.checkpoint.uri")
+        if "unusable" in plan[0]:
+            raise CheckpointsUnusable(plan[0]["unusable"])
+        steps: list[int] = plan[0]["steps"]
+        for step in steps:
             local = self.workdir / "restore" / step_name(step)
-            ok: list[Any] = [True]
+            # None: loaded; ("corrupt", why): the bytes do not match the manifest; ("error", why): anything
+            # else (the store unreachable...), which a restart of the gang may cure
+            outcome: Any = None
             if self.denv.local_rank == 0:
                 shutil.rmtree(local, ignore_errors=True)
                 try:
                     ckpt = self.store.download(step, local)
                     if self.denv.rank == 0:
                         self.last = ckpt
-                except (CorruptCheckpoint, StorageError) as exc:
-                    log.warning("checkpoint step %d unusable (%s); trying an older one", step, exc)
-                    ok = [False]
+                except CorruptCheckpoint as exc:
+                    outcome = ("corrupt", str(exc))
+                except Exception as exc:  # noqa: BLE001 - every rank learns of it below
+                    outcome = ("error", f"{type(exc).__name__}: {exc}")
             gathered: list[Any] = [None] * self.denv.world_size
-            dist.all_gather_object(gathered, ok[0])
-            if not all(gathered):
+            dist.all_gather_object(gathered, outcome)
+            errors = [g[1] for g in gathered if g is not None and g[0] == "error"]
+            if errors:
+                raise StorageError(f"restoring checkpoint step {step} failed: {errors[0]}")
+            corrupt = [g[1] for g in gathered if g is not None]
+            if corrupt:
+                if self.denv.rank == 0:
+                    self.store.reject(step, corrupt[0])
+                log.warning("checkpoint step %d unusable (%s); trying an older one", step, corrupt[0])
                 continue
             dcp.load({"app": app}, checkpoint_id=str(local))
             dist.barrier()
@@ -272,6 +334,9 @@ class Checkpointer:
             self.last_ref = ref[0]
             log.info("resumed from checkpoint step %d", step)
             return app.train
+        if steps:
+            raise CheckpointsUnusable(f"none of the checkpoints under {self.store.uri} (steps {steps}) could be "
+                                      "loaded; they were rejected. Refusing to start over from step 0")
         return None
 
     last_ref: dict[str, Any] | None = None

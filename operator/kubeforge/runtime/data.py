@@ -1,19 +1,28 @@
 """Streaming, packed, resumable training data from an s3:// prefix.
 
 - Objects under `data.uri` (or the single object it names), in an order shuffled per epoch with
-  `data.shuffleSeed` (the same seed replays the same order on resume).
+  `data.shuffleSeed` (the same seed replays the same order on resume). The shuffle sorts objects by a keyed
+  hash of their name, so objects added under `data.uri` take their own places in the order without moving
+  the others: a resume continues in the object it was reading (the state names it), and an added object
+  that sorts before it is read from the next epoch on.
 - Records: one JSON line (`format: jsonl`, text in `data.textField`), or one paragraph (`format: text`:
   lines up to a blank line; a file without blank lines is one document). Each record is a document.
-- Sharding: the running record index of the epoch modulo the data-parallel world; rank r tokenizes only its
-  records, so no rank reads another's tokens and no record is used twice in an epoch.
+- Sharding: plain JSON-lines objects by bytes: rank r of W reads the records that start in bytes
+  [size*r/W, size*(r+1)/W) of each object (a ranged GET from just before its range, skipping the record
+  that started in the previous one), so the gang reads each byte about once. Paragraph text and compressed
+  objects (whose boundaries cannot be found from an arbitrary byte) by the running record index of the
+  epoch modulo the world. Either way no record is used twice in an epoch.
 - Packing: documents are tokenized, an EOS appended to each, concatenated, and cut into sequences of
   seqLen+1 tokens that overlap by one (the last target of one sequence is the first input of the next).
-- Resume: the state (epoch, file, byte offset, record index, tokens not yet emitted) after the last sequence
-  *consumed* is part of every checkpoint; a restarted stream reads objects from that byte offset with
-  ranged GETs and produces exactly the sequences that would have come next.
+- Resume: the state (epoch, object key, byte offset, record index, tokens not yet emitted) after the last
+  sequence *consumed* is part of every checkpoint; a restarted stream reads objects from that byte offset
+  with ranged GETs and produces exactly the sequences that would have come next. At another world size
+  every rank restarts at the start of the earliest saved object with the new sharding, and the old ranks'
+  buffered tokens are handed to the new ranks first (some records are seen again, none is skipped).
 - Compressed objects (`.gz`, multi-member included, and `.zst`, the usual forms of published corpora) are
   decompressed while streaming; their offsets count decompressed bytes, so a resume reads such an object
-  from its start and skips to the offset (no ranged GET can land inside a compressed stream).
+  from its start and skips to the offset (no ranged GET can land inside a compressed stream). Between
+  refills the open stream of the current object is kept and continued, so a pass reads each object once.
 
 Written by hand because no library streams S3 objects by byte offset with resumable packing state; the
 GETs themselves are boto3 (with its retries) and a broken body stream is reopened at the current offset.
@@ -21,10 +30,10 @@ GETs themselves are boto3 (with its retries) and a broken body stream is reopene
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import queue
-import random
 import threading
 import time
 import zlib
@@ -129,7 +138,8 @@ def _skip(blocks: Iterable[bytes], n: int) -> Iterator[bytes]:
 @dataclass
 class StreamState:
     epoch: int = 0
-    file_pos: int = 0  # index into the epoch's file order
+    file_pos: int = 0  # index into the epoch's file order (a hint: `key` is what a resume trusts)
+    key: str = ""  # the object at file_pos, "" before the first read
     offset: int = 0  # byte offset in that file of the next unread record
     record: int = 0  # running record index within the epoch (for sharding)
     epoch_tokens: int = 0  # tokens this rank produced in this epoch (detects an empty shard)
@@ -186,12 +196,20 @@ class PackedStream:
             raise InvalidSpec(f"no data objects under {source.uri}", "spec.data.uri")
         self.state = StreamState()
         self.bad_records = 0
+        # the suspended record reader of the object being read: ((epoch, key, offset it stands at), reader)
+        self._reader: tuple[tuple[int, str, int], Iterator[tuple[str | None, int]]] | None = None
 
     # ------------------------------------------------------------------------------------ ordering
     def order(self, epoch: int) -> list[tuple[str, int]]:
-        files = list(self.files)
-        random.Random(f"{self.shuffle_seed}:{epoch}").shuffle(files)
-        return files
+        """The epoch's objects, sorted by a keyed hash of their names (relative to data.uri, without the
+        compression suffix): a shuffle in which adding an object moves no other."""
+        return sorted(self.files, key=lambda item: self.order_rank(epoch, item[0]))
+
+    def order_rank(self, epoch: int, key: str) -> tuple[bytes, str]:
+        prefix = self.source.uri.prefix
+        name = key[len(prefix):] if key.startswith(prefix) else key
+        name = next((name[: -len(x)] for x in DECOMPRESSORS if name.endswith(x)), name)
+        return hashlib.sha256(f"{self.shuffle_seed}:{epoch}:{name}".encode()).digest(), key
 
     # ------------------------------------------------------------------------------------ records
     def _records(self, key: str, size: int, offset: int) -> Iterator[tuple[str | None, int]]:
@@ -200,6 +218,8 @@ class PackedStream:
         decompress = next((f for suffix, f in DECOMPRESSORS.items() if key.endswith(suffix)), None)
         if decompress is not None:
             lines = _lines(_skip(decompress(self.source.read(key, 0, size)), offset), offset)
+        elif self.byte_sharded(key):
+            lines = self._slice_lines(key, size, offset)
         else:
             lines = _lines(self.source.read(key, offset, size), offset)
         if self.fmt == "jsonl":
@@ -224,6 +244,44 @@ class PackedStream:
         if para:
             yield "\n".join(para), end
 
+    def byte_sharded(self, key: str) -> bool:
+        """Whether this rank reads only its own byte range of the object (plain JSON lines: a record starts
+        after any newline), rather than every record and keeping those whose index is its own."""
+        return self.world_size > 1 and self.fmt == "jsonl" and not any(key.endswith(x) for x in DECOMPRESSORS)
+
+    def _slice_lines(self, key: str, size: int, offset: int) -> Iterator[tuple[bytes, int]]:
+        """The lines of this rank's records: those that start in [size*r/W, size*(r+1)/W); the last one may
+        end past that. `offset` 0 means the start of the slice, found after the first newline before it."""
+        lo, hi = size * self.rank // self.world_size, size * (self.rank + 1) // self.world_size
+        if offset == 0 and lo > 0:
+            blocks = self.source.read(key, lo - 1, size)
+            start = lo - 1
+            rest = b""
+            for block in blocks:  # skip the tail of the record that started in the previous slice
+                i = block.find(b"\n")
+                if i >= 0:
+                    start += i + 1
+                    rest = block[i + 1:]
+                    break
+                start += len(block)
+            else:
+                return
+
+            def chained() -> Iterator[bytes]:
+                if rest:
+                    yield rest
+                yield from blocks
+
+            chunks: Iterator[bytes] = chained()
+        else:
+            start = offset
+            chunks = self.source.read(key, start, size) if start < hi else iter(())
+        for raw, end in _lines(chunks, start):
+            if start >= hi:
+                return
+            yield raw, end
+            start = end
+
     def _fill(self) -> None:
         """Tokenize this rank's next records into the buffer, advancing the state past them."""
         st = self.state
@@ -238,10 +296,17 @@ class PackedStream:
             log.info("data: starting epoch %d", st.epoch)
             return
         key, size = order[st.file_pos]
+        st.key = key
         mine: list[str] = []
         record, offset, done = st.record, st.offset, False
-        for text, end in self._records(key, size, st.offset):
-            if record % self.world_size == self.rank:
+        if self._reader is not None and self._reader[0] == (st.epoch, key, st.offset):
+            reader = self._reader[1]  # continue the open stream: no second GET, no re-decompression
+        else:
+            reader = self._records(key, size, st.offset)
+        self._reader = None
+        sharded = self.byte_sharded(key)
+        for text, end in reader:
+            if sharded or record % self.world_size == self.rank:
                 if text is None:
                     self.bad_records += 1
                     if self.bad_records <= 3:
@@ -263,9 +328,10 @@ class PackedStream:
             st.epoch_tokens += added
         st.record = record
         if done:
-            st.file_pos, st.offset = st.file_pos + 1, 0
+            st.file_pos, st.offset, st.key = st.file_pos + 1, 0, ""
         else:
             st.offset = offset
+            self._reader = ((st.epoch, key, offset), reader)
 
     def next_sequence(self) -> list[int]:
         n = self.seq_len + 1
@@ -286,6 +352,28 @@ class PackedStream:
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.state = StreamState(**{k: d[k] for k in StreamState.__dataclass_fields__ if k in d})
         self.state.buffer = list(self.state.buffer)
+        self._reader = None
+        self._locate()
+
+    def _locate(self) -> None:
+        """Point file_pos at the saved object: the listing may have changed since the state was saved."""
+        st = self.state
+        if not st.key:
+            return
+        keys = [k for k, _ in self.order(st.epoch)]
+        if st.file_pos < len(keys) and keys[st.file_pos] == st.key:
+            return
+        if st.key in keys:
+            log.warning("data: objects under %s changed since the checkpoint; resuming in %s at offset %d",
+                        self.source.uri, st.key, st.offset)
+            st.file_pos = keys.index(st.key)
+            return
+        # the object being read is gone: its unread records cannot be had; go on with the next object in order
+        gone = self.order_rank(st.epoch, st.key)
+        later = [i for i, k in enumerate(keys) if self.order_rank(st.epoch, k) > gone]
+        log.warning("data: %s (being read at the checkpoint) no longer exists under %s; continuing with the "
+                    "next object", st.key, self.source.uri)
+        st.file_pos, st.offset, st.key = (later[0] if later else len(keys)), 0, ""
 
     def load_gang_state(self, states: dict[int, dict[str, Any]]) -> None:
         """Restore from the saved states of every rank. Same world size: each rank continues its own stream
@@ -300,7 +388,12 @@ class PackedStream:
         earliest = min(states.values(), key=lambda s: (s["epoch"], s["file_pos"], s["offset"]))
         log.warning("data: world size changed %d -> %d; resuming every rank at epoch %d file %d offset %d",
                     saved_world, self.world_size, earliest["epoch"], earliest["file_pos"], earliest["offset"])
-        self.load_state_dict(dict(earliest, buffer=[], epoch_tokens=1))
+        # tokens the old ranks had read but not emitted: old rank r's go to new rank r mod world size, first
+        # (without their first token, which was also the last target the old rank emitted)
+        inherited = [t for r in sorted(states) if r % self.world_size == self.rank
+                     for t in list(states[r].get("buffer") or [])[1:]]
+        # the earliest object from its start: its byte ranges and record indices are the old world's
+        self.load_state_dict(dict(earliest, offset=0, record=0, buffer=inherited, epoch_tokens=1))
 
 
 class Prefetcher:

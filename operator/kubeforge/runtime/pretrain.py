@@ -4,7 +4,9 @@ Reads the resolved job from $KUBEFORGE_SPEC_FILE, resumes by itself from the new
 under spec.checkpoint.uri, trains, checkpoints every checkpoint.intervalSteps, and at the end exports the
 model in Hugging Face format to <checkpoint.uri>/final/.
 
-Exit codes (kubeforge.contract): 0 done; 78 the spec cannot run (reason in the termination message);
+Exit codes (kubeforge.contract): 0 done; 78 the job cannot run as specified (reason in the termination
+message: InvalidSpec; CheckpointsUnusable when checkpoint.uri holds checkpoints none of which loads;
+Diverged on a non-finite loss with training.onDivergence Fail);
 143 stopped by SIGTERM after writing a checkpoint. Any other failure exits non-zero and the operator
 restarts the gang, which resumes from the newest committed checkpoint.
 
@@ -31,7 +33,7 @@ from ..api.kinds import PretrainJobSpec
 from ..storage import CheckpointStore, StorageError, make_client
 from ..storage import s3 as s3mod
 from . import dist as kdist
-from .checkpointing import AppState, Checkpointer, rng_state, set_rng_state
+from .checkpointing import AppState, Checkpointer, CheckpointsUnusable, rng_state, set_rng_state
 from .data import PackedStream, Prefetcher, S3Objects
 from .report import Progress, Reporter, now_rfc3339, sink_from_env, write_termination_message
 from .training import InvalidSpec, TrainPlan, build_optimizer, build_scheduler, causal_lm_loss, plan
@@ -44,6 +46,37 @@ MIN_REPORT_INTERVAL_S = 2.0  # progress reports (and log lines) at most this oft
 
 class Preempted(Exception):
     """SIGTERM: a checkpoint was written and the process should exit with EXIT_PREEMPTED."""
+
+
+class Diverged(Exception):
+    """The loss is not finite and training.onDivergence is Fail."""
+
+
+def check_loss(loss: float, step: int, on_divergence: str) -> None:
+    """Raise on a non-finite loss: Diverged (the job fails at once), or, with onDivergence Restart, an
+    error the operator answers by restarting the gang from the newest checkpoint."""
+    if math.isfinite(loss):
+        return
+    if on_divergence == "Fail":
+        raise Diverged(f"loss is {loss} at step {step} (training.onDivergence: Fail)")
+    raise FloatingPointError(f"loss is {loss} at step {step}; restarting from the newest checkpoint "
+                             "(training.onDivergence: Restart)")
+
+
+def exit_for(exc: BaseException) -> tuple[int, dict[str, Any]]:
+    """The exit code and termination message for how the runtime ended (the operator reads both)."""
+    if isinstance(exc, InvalidSpec):
+        return contract.EXIT_INVALID_SPEC, {"reason": "InvalidSpec", "message": str(exc), "field": exc.field}
+    if isinstance(exc, CheckpointsUnusable):  # restarting cannot help, and starting over would lose the run
+        return contract.EXIT_INVALID_SPEC, {"reason": "CheckpointsUnusable", "message": str(exc),
+                                            "field": "spec.checkpoint.uri"}
+    if isinstance(exc, Diverged):  # the same checkpoint and data would diverge again
+        return contract.EXIT_INVALID_SPEC, {"reason": "Diverged", "message": str(exc),
+                                            "field": "spec.training.onDivergence"}
+    if isinstance(exc, Preempted):
+        return contract.EXIT_PREEMPTED, {"reason": "Preempted", "message": str(exc)}
+    return 1, {"reason": "StorageError" if isinstance(exc, StorageError) else "Error",
+               "message": f"{type(exc).__name__}: {exc}"}
 
 
 class StopFlag:
@@ -244,8 +277,10 @@ def run(job: dict[str, Any], spec: PretrainJobSpec, stop: StopFlag) -> dict[str,
 
     # resume
     app = AppState(model, optimizer, scheduler)
+    meta = job.get("metadata") or {}
+    run_identity = {k: meta.get(k) for k in ("namespace", "name", "uid")}  # refuses another run's checkpoints
     ckpt = Checkpointer(store, workdir, denv, choice, spec.checkpoint.keep,
-                        meta={"job": (job.get("metadata") or {}).get("name"), "totalSteps": tplan.total_steps})
+                        meta={"job": meta.get("name"), "run": run_identity, "totalSteps": tplan.total_steps})
     step, tokens, loss_value = 0, 0, None
     train = ckpt.restore(app)
     if train:
@@ -307,7 +342,8 @@ def run(job: dict[str, Any], spec: PretrainJobSpec, stop: StopFlag) -> dict[str,
             tdist.all_reduce(flags)
             loss_value = float(flags[0]) / denv.world_size
             if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at step {step}")
+                reporter.report(progress(), force=True)  # loss null + lossNonFinite: the status shows it
+                check_loss(loss_value, step, spec.training.on_divergence)
             window_losses.append(loss_value)
             stopping = flags[1].item() > 0
             if ckpt.pending is not None and int(flags[2].item()) == denv.world_size:
@@ -384,19 +420,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job, spec = load_job(argv[0] if argv else None)
         run(job, spec, stop)
-    except InvalidSpec as exc:
-        log.error("invalid spec: %s", exc)
-        write_termination_message({"reason": "InvalidSpec", "message": str(exc), "field": exc.field})
-        code = contract.EXIT_INVALID_SPEC
+    except (InvalidSpec, CheckpointsUnusable, Diverged) as exc:
+        code, payload = exit_for(exc)
+        log.error("%s: %s", payload["reason"], exc)
+        write_termination_message(payload)
     except Preempted as exc:
-        log.warning("%s; exiting with %d", exc, contract.EXIT_PREEMPTED)
+        code, payload = exit_for(exc)
+        log.warning("%s; exiting with %d", exc, code)
         if rank == "0":
-            write_termination_message({"reason": "Preempted", "message": str(exc)})
-        code = contract.EXIT_PREEMPTED
+            write_termination_message(payload)
     except BaseException as exc:  # noqa: BLE001 - a crash: the gang is restarted and resumes
         log.exception("training failed: %s", exc)
-        write_termination_message({"reason": "StorageError" if isinstance(exc, StorageError) else "Error",
-                                   "message": f"{type(exc).__name__}: {exc}"})
+        write_termination_message(exit_for(exc)[1])
         # leave at once: a graceful teardown can block on peers that are already gone (a dead rank's
         # collectives), and torchrun tears the gang down anyway
         logging.shutdown()

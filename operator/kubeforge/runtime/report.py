@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -49,18 +50,26 @@ class Progress:
     time: str = ""
 
     def to_json(self) -> dict[str, Any]:
+        """JSON the API server accepts: a non-finite loss (a diverged run) is null plus `lossNonFinite`
+        ("nan", "inf"), never a bare NaN, which would make every report a 400."""
         d: dict[str, Any] = {
             "step": self.step,
             "totalSteps": self.total_steps,
             "tokens": self.tokens,
-            "loss": None if self.loss is None else round(float(self.loss), 6),
-            "tokensPerSecond": None if self.tokens_per_second is None else round(float(self.tokens_per_second), 1),
+            "loss": _finite(self.loss, 6),
+            "tokensPerSecond": _finite(self.tokens_per_second, 1),
             "lastCheckpoint": self.last_checkpoint,
             "time": self.time or now_rfc3339(),
         }
+        if self.loss is not None and d["loss"] is None:
+            d["lossNonFinite"] = str(float(self.loss))
         if self.output_uri:
             d["outputUri"] = self.output_uri
         return d
+
+
+def _finite(x: float | None, digits: int) -> float | None:
+    return round(float(x), digits) if x is not None and math.isfinite(float(x)) else None
 
 
 class Sink:
@@ -75,7 +84,7 @@ class FileSink(Sink):
 
     def send(self, payload: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(payload) + "\n")
+            f.write(json.dumps(payload, allow_nan=False) + "\n")
 
 
 class PodAnnotationSink(Sink):
@@ -87,7 +96,8 @@ class PodAnnotationSink(Sink):
         self.name, self.namespace = name, namespace
 
     def send(self, payload: dict[str, Any]) -> None:
-        body = {"metadata": {"annotations": {contract.PROGRESS_ANNOTATION: json.dumps(payload)}}}
+        annotation = json.dumps(payload, allow_nan=False)
+        body = {"metadata": {"annotations": {contract.PROGRESS_ANNOTATION: annotation}}}
         self.api.patch_namespaced_pod(self.name, self.namespace, body, _request_timeout=10)
 
 

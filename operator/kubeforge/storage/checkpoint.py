@@ -4,12 +4,15 @@ Layout under the checkpoint URI (see DESIGN.md, "Object storage layout")::
 
     step-00001200/<shards...>       any files, uploaded in parallel (multipart for large ones)
     step-00001200/manifest.json     written LAST: files, sizes, sha256, step, tokens, time, meta
+    step-00001200/manifest.rejected.json   a manifest whose bytes failed verification on restore (uncommitted)
     latest                          "step-00001200": a hint for humans and tools; never trusted
     final/                          Hugging Face export of the finished model
 
 A step directory is *committed* when its manifest exists and every file it lists exists with the listed
 size. A directory without a manifest is an interrupted upload and is never loaded; sha256s are checked on
-download, so a file that was overwritten with the same size is caught there.
+download, so a file that was overwritten with the same size is caught there; such a step is *rejected*: its
+manifest moves to manifest.rejected.json, so it is neither loaded nor counted by retention again.
+`latest` never moves back past a step that is still committed.
 
 The commit protocol itself (manifest last, validation, retention that removes the manifest first so a
 half-deleted step never looks committed) is kubeforge's own; the bytes move through s3transfer.
@@ -34,6 +37,7 @@ from .s3 import S3Uri, StorageError
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+REJECTED = "manifest.rejected.json"
 LATEST = "latest"
 FINAL = "final"
 FORMAT = "kubeforge.checkpoint/v1"
@@ -157,10 +161,34 @@ class CheckpointStore:
         uri = self.step_uri(step)
         s3.put_bytes(self.client, uri.join(MANIFEST), json.dumps(manifest, indent=1).encode(), "application/json")
         try:
-            s3.put_bytes(self.client, self.root.join(LATEST), (step_name(step) + "\n").encode(), "text/plain")
+            self._advance_latest(step)
         except Exception as exc:  # noqa: BLE001 - the pointer is a hint; the manifest is the commit
             log.warning("could not update %s/latest: %s", self.root, exc)
         return Checkpoint.from_manifest(str(uri), manifest)
+
+    def _advance_latest(self, step: int) -> None:
+        """Point `latest` at `step`, unless it names a newer step that is still committed."""
+        hint = self.latest_hint()
+        if hint is not None and hint > step and self.read_manifest(hint) is not None:
+            log.info("latest stays at step %d (committed, newer than %d)", hint, step)
+            return
+        s3.put_bytes(self.client, self.root.join(LATEST), (step_name(step) + "\n").encode(), "text/plain")
+
+    def reject(self, step: int, reason: str) -> None:
+        """Uncommit a step whose bytes do not match its manifest, keeping the manifest (and why) beside it."""
+        uri = self.step_uri(step)
+        m = self.read_manifest(step)
+        if m is None:
+            return
+        m["rejected"] = {"reason": reason, "time": now_rfc3339()}
+        s3.put_bytes(self.client, uri.join(REJECTED), json.dumps(m, indent=1).encode(), "application/json")
+        s3.delete_keys(self.client, self.root.bucket, [uri.join(MANIFEST).key])
+        log.warning("checkpoint step %d rejected: %s", step, reason)
+
+    def rejected_steps(self) -> list[int]:
+        """Steps rejected on restore (and not committed again since)."""
+        dirs = self.step_dirs()
+        return sorted(s for s, files in dirs.items() if REJECTED in files and MANIFEST not in files)
 
     def save_dir(
         self, local_dir: str | Path, step: int, meta: dict[str, Any] | None = None, tokens: int | None = None

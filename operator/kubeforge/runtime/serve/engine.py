@@ -120,6 +120,7 @@ class Engine:
         kv_fetch_timeout: float = 30.0,
         dtype: str = "float32",
         tokenizer_dir: str | None = None,
+        max_waiting: int = 1024,
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -133,6 +134,7 @@ class Engine:
         self.role = role
         self.engine_id = engine_id or f"kubeforge-{uuid.uuid4().hex[:12]}"
         self.max_num_seqs = max_num_seqs
+        self.max_waiting = max_waiting  # queued requests beyond this are answered 429 (0: no bound)
         self.policy = kv_load_failure_policy
         self.advertise_host = advertise_host
         self.port = port
@@ -525,12 +527,23 @@ def _chunk(
     }
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (call once the body has been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def build_app(engine: Engine, request_timeout: float = 600.0) -> Starlette:
     state: dict[str, Any] = {}
 
     async def generate(request: Request, api: str) -> Response:
         if engine.draining:
             return error_response(503, "engine is draining for shutdown", "service_unavailable")
+        if engine.max_waiting and engine.queue.qsize() >= engine.max_waiting:
+            resp = error_response(429, f"{engine.queue.qsize()} requests are waiting; retry later",
+                                  "rate_limit_exceeded")
+            resp.headers["Retry-After"] = "1"
+            return resp
         try:
             body = await request.json()
             if not isinstance(body, dict):
@@ -592,11 +605,20 @@ def build_app(engine: Engine, request_timeout: float = 600.0) -> Starlette:
             return await asyncio.wait_for(events.get(), timeout=left)
 
         if not stream:
+            # a client that goes away (or a router that gave up) frees its slot at once, not after the
+            # whole generation; a stream learns of it when its next chunk cannot be sent
+            gone = asyncio.ensure_future(_disconnected(request))
             try:
                 parts: list[str] = []
                 kv_out = None
                 while True:
-                    ev = await next_event()
+                    waiting = asyncio.ensure_future(next_event())
+                    await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+                    if not waiting.done():
+                        waiting.cancel()
+                        seq.cancelled = True
+                        return Response(status_code=499)
+                    ev = waiting.result()
                     if ev[0] == "text":
                         parts.append(ev[1])
                     elif ev[0] == "kv":
@@ -612,6 +634,7 @@ def build_app(engine: Engine, request_timeout: float = 600.0) -> Starlette:
                 seq.cancelled = True
                 return error_response(504, "request timed out", "timeout")
             finally:
+                gone.cancel()
                 engine.open_requests -= 1
             text = "".join(parts)
             if api == "chat":
@@ -694,6 +717,11 @@ def build_app(engine: Engine, request_timeout: float = 600.0) -> Starlette:
     async def models(request: Request) -> Response:
         if engine.draining:
             return error_response(503, "engine is draining for shutdown", "service_unavailable")
+        if engine.max_waiting and engine.queue.qsize() >= engine.max_waiting:
+            resp = error_response(429, f"{engine.queue.qsize()} requests are waiting; retry later",
+                                  "rate_limit_exceeded")
+            resp.headers["Retry-After"] = "1"
+            return resp
         return JSONResponse(
             {
                 "object": "list",
@@ -785,6 +813,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--engine-id", default=None)
     p.add_argument("--max-num-seqs", type=int, default=8)
+    p.add_argument("--max-waiting", type=int, default=1024,
+                   help="queued requests beyond this are answered 429 (0: no bound)")
     p.add_argument("--kv-load-failure-policy", choices=["fail", "recompute"], default="fail")
     p.add_argument("--kv-ttl", type=float, default=60.0, help="seconds an unfetched KV cache is kept")
     p.add_argument("--kv-max-entries", type=int, default=256)
@@ -829,6 +859,7 @@ def main(argv=None) -> None:
         kv_fetch_timeout=a.kv_fetch_timeout,
         dtype=a.dtype,
         tokenizer_dir=a.tokenizer,
+        max_waiting=a.max_waiting,
     )
     app = build_app(engine, a.request_timeout)
     e = engine

@@ -5,12 +5,15 @@ Per request (vLLM's disaggregated flow, so it works with vLLM + NixlConnector an
      (max_completion_tokens=1), without min_tokens/stream_options, plus kv_transfer_params
      {do_remote_decode: true, ...}; on a connect error, a timeout or a 5xx try another prefill pod;
   2. pick a decode pod and send the client's original body with the kv_transfer_params the prefill pod
-     returned; stream the answer back. The same X-Request-Id goes on both legs.
+     returned; stream the answer back. The same X-Request-Id goes on both legs. kv_transfer_params a
+     client sends are dropped: they name the host an engine fetches from (server-side request forgery).
 Prompts shorter than --prefill-threshold-tokens skip the prefill hop (the decode pod prefills locally), and
 so do requests for which no prefill pod could answer (counted; --no-prefill-fallback turns that into a 503).
 With only one pool the router is a plain load-aware proxy (aggregated mode).
-Every upstream call has bounded connect and read timeouts; a decode pod that dies mid-stream ends the client's
-SSE stream with an error event and `data: [DONE]`, never a hang.
+Every upstream call has bounded connect and read timeouts (a stream: between chunks, and as a whole only with
+--stream-timeout); a decode pod that dies mid-stream ends the client's SSE stream with an error event and
+`data: [DONE]`, never a hang. A client that disconnects cancels its upstream calls (the engine sees the
+connection close and stops generating). At most --max-in-flight client requests run at once; more get 429.
 
 `/metrics` reports per pool (label pool): endpoints, in-flight requests, engine queue depth (scraped from the
 engines' vllm:num_requests_waiting), requests, errors, retries, TTFT and inter-token latency histograms and
@@ -146,6 +149,8 @@ class RouterConfig:
     prefill_timeout: float = 60.0  # whole prefill leg
     read_timeout: float = 60.0  # between two chunks of a decode stream
     request_timeout: float = 600.0  # a whole non-streaming decode leg
+    stream_timeout: float = 0.0  # a whole stream; 0: unbounded (read_timeout still ends a stalled one)
+    max_in_flight: int = 1024  # client requests at once (streams until their end); beyond: 429
     prefill_attempts: int = 3  # distinct prefill pods tried per request
     decode_attempts: int = 2  # distinct decode pods tried while none has accepted the request
     prefill_fallback: bool = True  # no prefill pod answered -> decode pod prefills locally
@@ -169,6 +174,7 @@ class Router:
         self.in_flight = {PREFILL: 0, DECODE: 0}
         self.recent_prefill = RecentMean(self.cfg.recent_window)
         self.open_requests = 0  # client requests not yet answered (streams count via in_flight)
+        self.active = 0  # client requests admitted and not finished, streams included (back-pressure)
         self.draining = False
 
         r = self.registry = m.Registry()
@@ -424,6 +430,9 @@ class Router:
             return error_response(400, f"invalid JSON body: {e}", "invalid_request_error")
         if not isinstance(body, dict):
             return error_response(400, "the body must be a JSON object", "invalid_request_error")
+        # kv_transfer_params name the host an engine pulls a KV cache from: only a prefill pod's answer may
+        # set them, never a client (who could point the engine at any address: server-side request forgery)
+        body.pop("kv_transfer_params", None)
         rid = request.headers.get("x-request-id") or f"kf-{uuid.uuid4().hex}"
         headers = self._headers(request, rid)
         self.sync()
@@ -548,7 +557,7 @@ class Router:
         last: float | None = None
         ok = False
         done = False
-        deadline = t0 + self.cfg.request_timeout
+        deadline = t0 + self.cfg.stream_timeout if self.cfg.stream_timeout > 0 else math.inf
         try:
             async for chunk in r.aiter_raw():
                 now = time.monotonic()
@@ -584,6 +593,13 @@ class Router:
             self.m_requests.inc(pool=pname, code="200" if ok else "502")
             await r.aclose()
 
+    async def counted(self, chunks):
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            self.active -= 1
+
     @staticmethod
     def _sse_error(code: int, message: str) -> bytes:
         return (
@@ -613,15 +629,55 @@ class Router:
         return error_response(503, "no serving endpoints are ready", "service_unavailable")
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (call once the body has been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work) -> Response | None:
+    """The response of `work`, or None when the client disconnected first; then `work` is cancelled, which
+    closes its upstream connection, so the engine learns of it and stops generating."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        gone.cancel()
+    return None if task.cancelled() else task.result()
+
+
 def build_app(router: Router) -> Starlette:
     def generate_route(path: str):  # one endpoint per OpenAI route, same flow
         async def endpoint(request: Request) -> Response:
+            route = f"/v1{path}"
+            if router.cfg.max_in_flight and router.active >= router.cfg.max_in_flight:
+                router.m_client_requests.inc(route=route, code="429")
+                resp = error_response(429, f"the router has {router.active} requests in flight; retry later",
+                                      "rate_limit_exceeded")
+                resp.headers["Retry-After"] = "1"
+                return resp
+            router.active += 1
             router.open_requests += 1
+            streaming = False
             try:
-                resp = await router.handle_generate(request, path)
+                await request.body()  # read before watching for a disconnect: both receive()
+                resp = await _unless_disconnected(request, router.handle_generate(request, path))
+                if resp is None:
+                    router.m_client_requests.inc(route=route, code="499")
+                    return Response(status_code=499)
+                if isinstance(resp, StreamingResponse):  # counted until the stream ends
+                    resp.body_iterator = router.counted(resp.body_iterator)
+                    streaming = True
             finally:
                 router.open_requests -= 1
-            router.m_client_requests.inc(route=f"/v1{path}", code=str(resp.status_code))
+                if not streaming:
+                    router.active -= 1
+            router.m_client_requests.inc(route=route, code=str(resp.status_code))
             return resp
 
         return endpoint
@@ -690,7 +746,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--connect-timeout", type=float, default=2.0)
     p.add_argument("--prefill-timeout", type=float, default=60.0)
     p.add_argument("--read-timeout", type=float, default=60.0, help="max seconds between stream chunks")
-    p.add_argument("--request-timeout", type=float, default=600.0)
+    p.add_argument("--request-timeout", type=float, default=600.0, help="max seconds of a non-streaming answer")
+    p.add_argument("--stream-timeout", type=float, default=0.0,
+                   help="max seconds of a whole stream (0: no bound; --read-timeout ends a stalled one)")
+    p.add_argument("--max-in-flight", type=int, default=1024,
+                   help="client requests at once, streams included; more are answered 429 (0: no bound)")
     p.add_argument("--prefill-attempts", type=int, default=3)
     p.add_argument("--decode-attempts", type=int, default=2)
     p.add_argument(
@@ -743,6 +803,8 @@ def main(argv=None) -> None:
         prefill_timeout=a.prefill_timeout,
         read_timeout=a.read_timeout,
         request_timeout=a.request_timeout,
+        stream_timeout=a.stream_timeout,
+        max_in_flight=a.max_in_flight,
         prefill_attempts=a.prefill_attempts,
         decode_attempts=a.decode_attempts,
         prefill_fallback=not a.no_prefill_fallback,
