@@ -93,6 +93,21 @@ MODEL_RULES = (
         "exactly one of uri or builtin must be set",
     ),
 )
+# spec.entrypoint (your own script) or the built-in trainer's settings, never both
+ENTRYPOINT_RULES = (
+    CelRule(
+        "",
+        "has(self.entrypoint) ? !has(self.model) && !has(self.data) && !has(self.training)"
+        " && !has(self.optimizer) && !has(self.parallelism)"
+        " : has(self.model) && has(self.data) && has(self.training)",
+        "exactly one of entrypoint or the built-in trainer's settings (model, data, training) must be set",
+    ),
+    CelRule(
+        "entrypoint",
+        "(has(self.module) ? 1 : 0) + (has(self.script) ? 1 : 0) == 1",
+        "exactly one of module or script must be set",
+    ),
+)
 GPU_RULE = "!('nvidia.com/gpu' in self) || string(self['nvidia.com/gpu']).matches('^[0-9]+$')"
 GPU_MESSAGE = "nvidia.com/gpu must be a whole number"
 
@@ -121,6 +136,7 @@ KINDS: tuple[Kind, ...] = (
                 "(has(self.totalSteps) ? 1 : 0) + (has(self.totalTokens) ? 1 : 0) == 1",
                 "exactly one of totalSteps or totalTokens must be set",
             ),
+            *ENTRYPOINT_RULES,
         ),
     ),
     Kind(
