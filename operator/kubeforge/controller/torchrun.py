@@ -14,6 +14,7 @@ from typing import Any
 
 from kubeforge import contract
 from kubeforge.api.common import Resources, SchedulingSpec
+from kubeforge.api.kinds import EntrypointSpec
 
 from . import gang, kueue
 from .children import (
@@ -31,6 +32,7 @@ from .children import (
 ROLE = "worker"
 SPEC_VOLUME = "kubeforge-spec"
 GRACE_SECONDS = 120  # time for the runtime to finish a step and write its checkpoint on SIGTERM
+HEARTBEAT_SECONDS = 10  # how often rank 0's launcher reports that a user script's processes still work
 
 
 def master_port(uid: str) -> int:
@@ -50,6 +52,7 @@ class TorchrunGang:
     python: str = "python"
     model_secret_name: str | None = None  # model.secretRef, when it is not secret_name
     data_secret_name: str | None = None  # data.secretRef, likewise
+    entrypoint: EntrypointSpec | None = None  # the user's own script instead of `module`
 
     @property
     def name(self) -> str:
@@ -96,8 +99,34 @@ class TorchrunGang:
             f"--master-addr={master}",
             f"--master-port={master_port(self.obj['metadata']['uid'])}",
             "--max-restarts=0",  # the operator restarts the whole gang, never one rank
-            "-m", self.module,
+            *self.program(),
         ]
+
+    def program(self) -> list[str]:
+        """What torchrun starts in each process: kubeforge's runtime module, or the user's entrypoint."""
+        ep = self.entrypoint
+        if ep is None:
+            return ["-m", self.module]
+        return ["-m", ep.module, *ep.args] if ep.module else [str(ep.script), *ep.args]
+
+    def entrypoint_env(self, rank: int, master: str, port: int) -> list[dict[str, Any]]:
+        """What scripts written for torchrun launchers expect beyond torchrun's own per-process variables:
+        the PET_* launcher settings (as Trainer v2 sets them), where to checkpoint and where to resume."""
+        res = self.resources
+        env = [
+            {"name": "PET_NNODES", "value": str(res.num_nodes)},
+            {"name": "PET_NPROC_PER_NODE", "value": str(res.processes_per_node)},
+            {"name": "PET_NODE_RANK", "value": str(rank)},
+            {"name": "PET_MASTER_ADDR", "value": master},
+            {"name": "PET_MASTER_PORT", "value": str(port)},
+            {"name": contract.ENV_CHECKPOINT_URI, "value": str(self.resolved_spec["checkpoint"]["uri"])},
+        ]
+        last = ((self.obj.get("status") or {}).get("lastCheckpoint") or {}).get("step")
+        if isinstance(last, int):  # a hint from the operator's status; the store's manifests are the truth
+            env.append({"name": contract.ENV_RESUME_STEP, "value": str(last)})
+        if self.entrypoint is not None:
+            env.append({"name": contract.ENV_HEARTBEAT_SECONDS, "value": str(HEARTBEAT_SECONDS)})
+        return env
 
     def pod(self, rank: int, attempt: int, extra: dict[str, Any], gang_backend: gang.Backend) -> dict[str, Any]:
         res = self.resources
@@ -132,6 +161,7 @@ class TorchrunGang:
                 {"name": "NODE_RANK", "value": str(rank)},
                 {"name": "NPROC_PER_NODE", "value": str(res.processes_per_node)},
                 {"name": "PYTHONUNBUFFERED", "value": "1"},
+                *self.entrypoint_env(rank, master, port),
                 *downward_env(),
                 *env,
                 *({"name": e.name, "value": e.value} for e in res.env),
