@@ -3,7 +3,8 @@
 Used by every training kind; the kind supplies the runtime module and its resolved spec. TorchX's dist.ddp
 component renders the same torchrun invocation, but kubeforge renders whole pods (gang labels, Kueue
 placement, RBAC, spec file) and the invocation is one list here, so TorchX would add a dependency and remove
-no code.
+no code. TorchX sits at the other end instead: kubeforge.torchx_scheduler turns a TorchX app into a PretrainJob
+with spec.entrypoint, which this gang runs.
 """
 
 from __future__ import annotations

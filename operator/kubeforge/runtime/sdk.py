@@ -13,11 +13,12 @@ script in every pod with the usual RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR 
     for step in range(start, 1000):
         loss = train_one_step()
         run.report(step + 1, loss=loss.item(), tokens=(step + 1) * tokens_per_step)
-        if (step + 1) % 100 == 0 or run.stop_requested:
+        stop = run.should_stop()                 # collective: did any rank get SIGTERM (suspend, eviction)?
+        if (step + 1) % 100 == 0 or stop:
             with run.checkpoint(step + 1) as d:   # rank 0 writes files into d; on exit they are committed
                 torch.save({"model": model.state_dict()}, d / "state.pt")
-            if run.stop_requested:
-                run.exit_preempted()             # SIGTERM (suspend, eviction): exit 143 after the checkpoint
+            if stop:
+                run.exit_preempted()             # exit 143 after the checkpoint: no restart budget spent
     run.finish()
 
 Checkpoints use the same store as kubeforge's own trainer: files under <uri>/step-NNNNNNNN/, then
@@ -106,6 +107,19 @@ class Run:
         if not self.stop_requested:
             log.warning("rank %d: %s received; stop_requested is set", self.rank, signal.Signals(signum).name)
         self.stop_requested = True
+
+    def should_stop(self) -> bool:
+        """Collective (call it on every rank at the same point of each step): True when any rank got SIGTERM,
+        so all ranks checkpoint together and leave; with no process group, the local flag."""
+        dist = _distributed()
+        if dist is None:
+            return self.stop_requested
+        import torch
+
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.stop_requested = bool(flag.item() > 0)
+        return self.stop_requested
 
     @property
     def is_main(self) -> bool:
