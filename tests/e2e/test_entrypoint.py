@@ -17,10 +17,13 @@ import pytest
 from kubeforge.devcluster.testing import ClusterHandle, pod_processes
 from torchx_entry_points import entry_point_env
 
-from .conftest import Jobs, Operator, wait
+from .conftest import REPO, Jobs, Operator, wait
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("dev_cluster_only")]
 KIND = "PretrainJob"
+# The user's image would hold kubeforge; dev-cluster pods share this machine's venv, whose kubeforge may be
+# another checkout's, so the pods are pointed at this tree the way a user points at their own code.
+CODE = str(REPO / "operator")
 
 # A user's own DDP loop (fits y = 3x + 1), checkpointing with kubeforge.runtime.sdk.
 USER_SCRIPT = textwrap.dedent('''
@@ -97,7 +100,8 @@ def entrypoint_job(jobs: Jobs, name: str, script: str, args: list[str], **run_po
         "spec": {
             "entrypoint": {"script": script, "args": args},
             "checkpoint": {"uri": f"s3://kubeforge/checkpoints/{jobs.ns}/{name}", "secretRef": {"name": "kubeforge-s3"}},
-            "resources": {"numNodes": 2, "processesPerNode": 1, "requests": {"cpu": "500m", "memory": "512Mi"}},
+            "resources": {"numNodes": 2, "processesPerNode": 1, "requests": {"cpu": "500m", "memory": "512Mi"},
+                          "env": [{"name": "PYTHONPATH", "value": CODE}]},
             "runPolicy": {"maxRestarts": 2, "backoffSeconds": 1, "progressDeadlineSeconds": 300, **run_policy},
         },
     }
@@ -157,7 +161,7 @@ def test_torchx_run_status_log_list_and_cancel(operator: Operator, jobs: Jobs, c
     script = scripts["user_train.py"]
     cfg = f"namespace={jobs.ns},checkpoint_uri=s3://kubeforge/torchx/{jobs.ns},checkpoint_secret=kubeforge-s3"
     ddp = ["dist.ddp", "-j", "2x1", "--max_retries", "2", "--cpu", "1", "--memMB", "512",
-           "--image", "ghcr.io/kubeforge/trainer:0.1.0", "--script", script, "--"]
+           "--image", "ghcr.io/kubeforge/trainer:0.1.0", "--env", f"PYTHONPATH={CODE}", "--script", script, "--"]
     out = torchx(tmp_path, cluster, "run", "-s", "kubeforge", "-cfg", cfg, *ddp, "--steps", "80", "--every", "10")
     handle = re.search(r"kubeforge://[^\s]+", out).group(0)
     name = handle.rsplit(":", 1)[1]
