@@ -28,6 +28,17 @@ def pretrain_job(name: str = "ptj", namespace: str = "default", **spec: Any) -> 
     return _obj("PretrainJob", name, base, namespace)
 
 
+def pretrain_entrypoint_job(name: str = "ptj", namespace: str = "default", **spec: Any) -> dict[str, Any]:
+    """A PretrainJob running the user's own script (spec.entrypoint) instead of the built-in trainer."""
+    base = {
+        "entrypoint": {"script": "/workspace/train.py", "args": ["--lr", "0.1"]},
+        "checkpoint": {"uri": f"s3://kubeforge/checkpoints/{name}"},
+        "resources": {"numNodes": 2, "processesPerNode": 1},
+    }
+    base.update(spec)
+    return _obj("PretrainJob", name, base, namespace)
+
+
 def context_extension_job(name: str = "cej", **spec: Any) -> dict[str, Any]:
     base = {
         "model": {"from": {"kind": "PretrainJob", "name": "ptj"}},

@@ -22,6 +22,11 @@ ENV_TERMINATION_LOG = "KUBEFORGE_TERMINATION_LOG"  # defaults to /dev/terminatio
 MODEL_CREDENTIALS_PREFIX = "KUBEFORGE_MODEL_"
 DATA_CREDENTIALS_PREFIX = "KUBEFORGE_DATA_"
 
+# Training pods (also for spec.entrypoint scripts; see kubeforge.runtime.sdk)
+ENV_CHECKPOINT_URI = "KUBEFORGE_CHECKPOINT_URI"  # spec.checkpoint.uri: where the job's checkpoints live
+ENV_RESUME_STEP = "KUBEFORGE_RESUME_STEP"  # last committed step the operator knew of (a hint; absent at first)
+ENV_HEARTBEAT_SECONDS = "KUBEFORGE_HEARTBEAT_SECONDS"  # rank 0's launcher reports liveness this often
+
 SPEC_MOUNT_DIR = "/etc/kubeforge"
 SPEC_FILE_NAME = "job.json"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
@@ -29,6 +34,8 @@ DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 # Pod -> operator
 # rank 0 patches this annotation on its own pod with JSON (see kubeforge.runtime.report.Progress)
 PROGRESS_ANNOTATION = "kubeforge.dev/progress"
+# rank 0's launcher sets this to the time its workers last used CPU, for scripts that report no progress
+HEARTBEAT_ANNOTATION = "kubeforge.dev/heartbeat"
 
 # Labels on every child object
 LABEL_JOB_NAME = "kubeforge.dev/job-name"

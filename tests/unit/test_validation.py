@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builders import context_extension_job, inference_deployment, pretrain_job, rl_job, with_
+from builders import (
+    context_extension_job,
+    inference_deployment,
+    pretrain_entrypoint_job,
+    pretrain_job,
+    rl_job,
+    with_,
+)
 from kubeforge.api.validation import validate
 
 PTJ, CEJ, RLJ, INFD = pretrain_job(), context_extension_job(), rl_job(), inference_deployment()
@@ -200,6 +207,28 @@ INVALID += [
     ("mode changed", _mode_changed, INFD, ["spec.mode: is immutable; create a new InferenceDeployment"]),
 ]
 
+# spec.entrypoint (the user's own script) or the built-in trainer's settings, never both
+BYOS = pretrain_entrypoint_job()
+INVALID += [
+    ("entrypoint and model", with_(BYOS, "spec.model", {"uri": "s3://kubeforge/m"}), None,
+     ["spec.model: must not be set with spec.entrypoint (your script brings its own)"]),
+    ("entrypoint and optimizer", with_(BYOS, "spec.optimizer", {"lr": 0.1}), None,
+     ["spec.optimizer: must not be set with spec.entrypoint (your script brings its own)"]),
+    ("entrypoint module and script", with_(BYOS, "spec.entrypoint.module", "mypkg.train"), None,
+     ["spec.entrypoint: exactly one of module, script must be set (got module, script)"]),
+    ("entrypoint neither module nor script", with_(BYOS, "spec.entrypoint", {"args": ["x"]}), None,
+     ["spec.entrypoint: exactly one of module, script must be set (got none)"]),
+    ("entrypoint bad module name", with_(BYOS, "spec.entrypoint", {"module": "my-pkg/train"}), None,
+     ["spec.entrypoint.module: must match ^[A-Za-z_][A-Za-z0-9_]*(\\.[A-Za-z_][A-Za-z0-9_]*)*$ "
+      "(got 'my-pkg/train')"]),
+    ("neither entrypoint nor trainer", with_(BYOS, "spec.entrypoint"), None,
+     ["spec.model: required (or set spec.entrypoint to run your own script)",
+      "spec.data: required (or set spec.entrypoint to run your own script)",
+      "spec.training: required (or set spec.entrypoint to run your own script)"]),
+    ("trainer without training", with_(PTJ, "spec.training"), None,
+     ["spec.training: required (or set spec.entrypoint to run your own script)"]),
+]
+
 
 @pytest.mark.parametrize(("new", "old", "expected"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
 def test_invalid_manifest_is_rejected_with_exact_path_and_message(new, old, expected):
@@ -220,6 +249,9 @@ VALID = [
     ("pretrain suspend while running", with_(PTJ, "spec.runPolicy", {"suspend": True}), RUNNING_PTJ),
     ("pretrain nodes changed when pending", with_(with_(PTJ, "spec.resources.numNodes", 4),
                                                   "spec.training.globalBatchSize", 8), PTJ),
+    ("pretrain own script", BYOS, None),
+    ("pretrain own module", with_(BYOS, "spec.entrypoint", {"module": "mypkg.train", "args": ["-c", "x.yaml"]}),
+     None),
     # JSON numbers as other tools write them: a float in the free-form config, integer quantities.
     ("pretrain float positions", with_(PTJ, "spec.model.config.max_position_embeddings", 512.0), None),
     ("pretrain integer quantities", with_(PTJ, "spec.resources.requests", {"cpu": 2, "nvidia.com/gpu": 1}), None),

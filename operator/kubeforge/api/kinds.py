@@ -49,15 +49,35 @@ class TrainingSpec(ApiModel):
     spending the restart budget (for a divergence that does not reproduce, e.g. a hardware fault)."""
 
 
+class EntrypointSpec(ApiModel):
+    """Your own training program in the image, started by torchrun in every pod of the gang."""
+
+    module: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$",
+                               max_length=256)
+    """Python module to run, as torchrun -m (e.g. mypkg.train); exactly one of module or script."""
+    script: str | None = Field(default=None, min_length=1, max_length=1024)
+    """Path of a Python script in the image (e.g. /workspace/train.py); exactly one of module or script."""
+    args: list[str] = Field(default_factory=list, max_length=256)
+    """Arguments passed to the module or script."""
+
+
+# The built-in trainer's settings: a job sets these or entrypoint, never both.
+BUILTIN_TRAINER_FIELDS = {"model": "model", "data": "data", "training": "training", "optimizer": "optimizer",
+                          "parallelism": "parallelism"}
+
+
 class PretrainJobSpec(ApiModel):
     """Train a causal language model from scratch or continue pre-training, checkpointing to S3."""
 
-    model: ModelSource
-    """Model to train: config (from scratch), uri or from (continue)."""
-    data: DataSource
-    """Training data."""
-    training: TrainingSpec
-    """Steps, sequence length and batch sizes."""
+    model: ModelSource | None = None
+    """Model to train: config (from scratch), uri or from (continue). Built-in trainer only."""
+    data: DataSource | None = None
+    """Training data. Built-in trainer only."""
+    training: TrainingSpec | None = None
+    """Steps, sequence length and batch sizes. Built-in trainer only."""
+    entrypoint: EntrypointSpec | None = None
+    """Run your own training script instead of the built-in trainer (then model, data, training, optimizer
+    and parallelism are not set)."""
     checkpoint: CheckpointSpec
     """Checkpoint store; the final model goes to <uri>/final/."""
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)

@@ -125,6 +125,17 @@ MODEL_RULES = (
     ),
     _exactly_one("model.tokenizer", "uri", "builtin"),
 )
+# spec.entrypoint (your own script) or the built-in trainer's settings, never both
+ENTRYPOINT_RULES = (
+    CelRule(
+        "",
+        "has(self.entrypoint) ? !has(self.model) && !has(self.data) && !has(self.training)"
+        " && !has(self.optimizer) && !has(self.parallelism)"
+        " : has(self.model) && has(self.data) && has(self.training)",
+        "exactly one of entrypoint or the built-in trainer's settings (model, data, training) must be set",
+    ),
+    _exactly_one("entrypoint", "module", "script"),
+)
 GPU_MESSAGE = "GPUs are requested in whole numbers"
 
 
@@ -187,7 +198,7 @@ def _not_itself(kind: str) -> CelRule:
     # On the whole object: metadata.name is readable only there.
     return CelRule(
         "/",
-        f"!has(self.spec.model.from) || self.spec.model.from.kind != '{kind}' || "
+        f"!has(self.spec.model) || !has(self.spec.model.from) || self.spec.model.from.kind != '{kind}' || "
         "self.spec.model.from.name != self.metadata.name",
         "must not refer to this object itself",
         field_path=".spec.model.from.name",
@@ -305,7 +316,7 @@ KINDS: tuple[Kind, ...] = (
             ),
             CelRule(
                 "",
-                f"self.training.globalBatchSize % (self.training.microBatchSize * {WORLD}) == 0",
+                f"!has(self.training) || self.training.globalBatchSize % (self.training.microBatchSize * {WORLD}) == 0",
                 "must be a multiple of microBatchSize x numNodes x processesPerNode",
                 field_path=".training.globalBatchSize",
                 message_expression=_fmt(
@@ -315,7 +326,8 @@ KINDS: tuple[Kind, ...] = (
             ),
             CelRule(
                 "",
-                "!has(self.model.config) || !has(self.model.config.max_position_embeddings) || "
+                "!has(self.model) || !has(self.training) || !has(self.model.config) || "
+                "!has(self.model.config.max_position_embeddings) || "
                 "double(self.training.seqLen) <= self.model.config.max_position_embeddings",
                 "exceeds model.config.max_position_embeddings",
                 field_path=".training.seqLen",
@@ -324,6 +336,7 @@ KINDS: tuple[Kind, ...] = (
                     "self.model.config.max_position_embeddings",
                 ),
             ),
+            *ENTRYPOINT_RULES,
         ),
     ),
     Kind(

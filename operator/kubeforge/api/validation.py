@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from .common import DNS_LABEL_PATTERN, QUANTITY_PATTERN, S3_URI_PATTERN, ModelSource, PodTemplate, Resources
 from .kinds import (
     BUILTIN_CHECKS,
+    BUILTIN_TRAINER_FIELDS,
     ContextExtensionJobSpec,
     InferenceDeploymentSpec,
     Pool,
@@ -189,7 +190,24 @@ def _world_size(res: Resources) -> int:
 # Per-kind rules
 
 
+def _check_entrypoint(errors: Errors, spec: PretrainJobSpec) -> bool:
+    """Exactly one of entrypoint or the built-in trainer's settings; True when the trainer's rules apply."""
+    builtin = [wire for attr, wire in BUILTIN_TRAINER_FIELDS.items() if attr in spec.model_fields_set]
+    if spec.entrypoint is not None:
+        _exactly_one(errors, "spec.entrypoint", spec.entrypoint, {"module": "module", "script": "script"})
+        for wire in builtin:
+            errors.add(f"spec.{wire}", "must not be set with spec.entrypoint (your script brings its own)")
+        return False
+    for wire in ("model", "data", "training"):
+        if getattr(spec, wire) is None:
+            errors.add(f"spec.{wire}", "required (or set spec.entrypoint to run your own script)")
+    return spec.model is not None and spec.data is not None and spec.training is not None
+
+
 def _check_pretrain(errors: Errors, spec: PretrainJobSpec) -> None:
+    if not _check_entrypoint(errors, spec):
+        return
+    assert spec.training is not None
     tr = spec.training
     _exactly_one(errors, "spec.training", tr, {"total_steps": "totalSteps", "total_tokens": "totalTokens"})
     per_step = tr.micro_batch_size * _world_size(spec.resources)
@@ -367,7 +385,8 @@ def validate(new: Mapping[str, Any], old: Mapping[str, Any] | None = None) -> li
     except ValidationError as exc:
         errors.items.extend(schema_errors(exc))
     else:
-        _check_model(errors, spec.model, kind, (new.get("metadata") or {}).get("name"))
+        if spec.model is not None:  # a PretrainJob with spec.entrypoint has none
+            _check_model(errors, spec.model, kind, (new.get("metadata") or {}).get("name"))
         if hasattr(spec, "resources"):
             _check_pod_resources(errors, "spec.resources", spec.resources)
         if hasattr(spec, "scheduling"):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
 from kubeforge import contract
+
+from .conditions import parse_time
 
 DISRUPTION_REASONS = frozenset({"Evicted", "Preempting", "Shutdown", "NodeShutdown", "Terminated", "NodeLost"})
 
@@ -90,6 +93,15 @@ def progress_report(pod: dict[str, Any]) -> dict[str, Any] | None:
     except ValueError:
         return None
     return report if isinstance(report, dict) else None
+
+
+def heartbeat(pod: dict[str, Any]) -> datetime | None:
+    """When rank 0's launcher last saw its workers use CPU (contract.HEARTBEAT_ANNOTATION), if it said."""
+    raw = (pod["metadata"].get("annotations") or {}).get(contract.HEARTBEAT_ANNOTATION)
+    try:
+        return parse_time(raw) if isinstance(raw, str) else None
+    except ValueError:
+        return None
 
 
 def final_report(pod: dict[str, Any]) -> dict[str, Any] | None:

@@ -165,6 +165,8 @@ class Reconciler:
 
     def resolved_spec(self, spec: Any, source: Source) -> dict[str, Any]:
         wire = spec.to_wire()
+        if "model" not in wire:  # spec.entrypoint: the user's script brings its own model
+            return wire
         model = dict(wire["model"])
         if source.uri:
             model.pop("from", None)
@@ -180,15 +182,16 @@ class Reconciler:
 
         spec = parse_spec(obj)
         ns = obj["metadata"]["namespace"]
-        source = self.resolve_source(obj, spec.model)
+        source = self.resolve_source(obj, spec.model) if spec.model is not None else Source()
         secret = spec.checkpoint.secret_ref.name if spec.checkpoint.secret_ref else None
         builder = TorchrunGang(
             obj=obj, resources=spec.resources, scheduling=spec.scheduling, module=module,
             resolved_spec=self.resolved_spec(spec, source), secret_name=secret,
             s3_endpoint=spec.checkpoint.endpoint, python=self.settings.python,
-            model_secret_name=spec.model.secret_ref.name if spec.model.secret_ref else None,
-            data_secret_name=spec.data.secret_ref.name if spec.data.secret_ref else None,
+            model_secret_name=spec.model.secret_ref.name if spec.model and spec.model.secret_ref else None,
+            data_secret_name=spec.data.secret_ref.name if spec.data and spec.data.secret_ref else None,
             grace_seconds=spec.run_policy.termination_grace_period_seconds,
+            entrypoint=spec.entrypoint,
         )
         labelled = self.kube.list(RESOURCES["Pod"], ns, selector(obj))
         observed = Observed(pods=[p for p in labelled if owned_by(obj, p)],

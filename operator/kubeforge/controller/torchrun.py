@@ -3,7 +3,8 @@
 Used by every training kind; the kind supplies the runtime module and its resolved spec. TorchX's dist.ddp
 component renders the same torchrun invocation, but kubeforge renders whole pods (gang labels, Kueue
 placement, RBAC, spec file) and the invocation is one list here, so TorchX would add a dependency and remove
-no code.
+no code. TorchX sits at the other end instead: kubeforge.torchx_scheduler turns a TorchX app into a PretrainJob
+with spec.entrypoint, which this gang runs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from kubeforge import contract
 from kubeforge.api.common import Resources, SchedulingSpec
+from kubeforge.api.kinds import EntrypointSpec
 
 from . import gang, kueue
 from .children import (
@@ -32,6 +34,7 @@ ROLE = "worker"
 SPEC_VOLUME = "kubeforge-spec"
 GRACE_SECONDS = 300  # time for the runtime to finish a step and write its checkpoint on SIGTERM (the default
 # of runPolicy.terminationGracePeriodSeconds)
+HEARTBEAT_SECONDS = 10  # how often rank 0's launcher reports that a user script's processes still work
 
 
 def master_port(uid: str) -> int:
@@ -52,6 +55,7 @@ class TorchrunGang:
     model_secret_name: str | None = None  # model.secretRef, when it is not secret_name
     data_secret_name: str | None = None  # data.secretRef, likewise
     grace_seconds: int = GRACE_SECONDS  # runPolicy.terminationGracePeriodSeconds
+    entrypoint: EntrypointSpec | None = None  # the user's own script instead of `module`
 
     @property
     def name(self) -> str:
@@ -98,8 +102,34 @@ class TorchrunGang:
             f"--master-addr={master}",
             f"--master-port={master_port(self.obj['metadata']['uid'])}",
             "--max-restarts=0",  # the operator restarts the whole gang, never one rank
-            "-m", self.module,
+            *self.program(),
         ]
+
+    def program(self) -> list[str]:
+        """What torchrun starts in each process: kubeforge's runtime module, or the user's entrypoint."""
+        ep = self.entrypoint
+        if ep is None:
+            return ["-m", self.module]
+        return ["-m", ep.module, *ep.args] if ep.module else [str(ep.script), *ep.args]
+
+    def entrypoint_env(self, rank: int, master: str, port: int) -> list[dict[str, Any]]:
+        """What scripts written for torchrun launchers expect beyond torchrun's own per-process variables:
+        the PET_* launcher settings (as Trainer v2 sets them), where to checkpoint and where to resume."""
+        res = self.resources
+        env = [
+            {"name": "PET_NNODES", "value": str(res.num_nodes)},
+            {"name": "PET_NPROC_PER_NODE", "value": str(res.processes_per_node)},
+            {"name": "PET_NODE_RANK", "value": str(rank)},
+            {"name": "PET_MASTER_ADDR", "value": master},
+            {"name": "PET_MASTER_PORT", "value": str(port)},
+            {"name": contract.ENV_CHECKPOINT_URI, "value": str(self.resolved_spec["checkpoint"]["uri"])},
+        ]
+        last = ((self.obj.get("status") or {}).get("lastCheckpoint") or {}).get("step")
+        if isinstance(last, int):  # a hint from the operator's status; the store's manifests are the truth
+            env.append({"name": contract.ENV_RESUME_STEP, "value": str(last)})
+        if self.entrypoint is not None:
+            env.append({"name": contract.ENV_HEARTBEAT_SECONDS, "value": str(HEARTBEAT_SECONDS)})
+        return env
 
     def pod(self, rank: int, attempt: int, extra: dict[str, Any], gang_backend: gang.Backend) -> dict[str, Any]:
         res = self.resources
@@ -134,6 +164,7 @@ class TorchrunGang:
                 {"name": "NODE_RANK", "value": str(rank)},
                 {"name": "NPROC_PER_NODE", "value": str(res.processes_per_node)},
                 {"name": "PYTHONUNBUFFERED", "value": "1"},
+                *self.entrypoint_env(rank, master, port),
                 *downward_env(),
                 *env,
                 *({"name": e.name, "value": e.value} for e in res.env),

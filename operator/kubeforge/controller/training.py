@@ -441,7 +441,11 @@ class _Planner:
             return None
         report = self.rank0_report() or {}
         reported = parse_time(report.get("time")) if isinstance(report.get("time"), str) else None
-        last = max((t for t in (reported, gang_created) if t is not None), default=self.now)
+        beat = None
+        if report.get("step") is None:  # a script that reports no steps: its launcher's heartbeat is all we have
+            rank0 = next((p for p in self.current if pods.index(p) == 0), None)
+            beat = pods.heartbeat(rank0) if rank0 else None
+        last = max((t for t in (reported, beat, gang_created) if t is not None), default=self.now)
         if self.now - last > timedelta(seconds=deadline):
             return self.fail_or_restart(
                 "ProgressDeadlineExceeded", f"no progress reported for {deadline}s (progressDeadlineSeconds)")
@@ -460,7 +464,8 @@ class _Planner:
         if report and report.get("outputUri"):
             self.status.output = Output(uri=report["outputUri"])
             merge_progress(self.status, {**(self.rank0_report() or {}), **report})
-        self.finish(True, "Succeeded", f"training finished; model at {self.status.output.uri if self.status.output else '?'}")
+        self.finish(True, "Succeeded", f"training finished; model at {self.status.output.uri}" if self.status.output
+                    else "training finished")
         if self.status.progress and self.status.progress.total_steps:
             self.status.progress.percent = 100
             self.status.progress.eta = None

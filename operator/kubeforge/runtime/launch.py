@@ -63,6 +63,22 @@ def resolve_master_addr(host: str, timeout_s: float = 600.0) -> str:
             delay = min(delay * 2, 5.0)
 
 
+def start_heartbeat(node_rank: int) -> None:
+    """Rank 0's pod beats for scripts that report no progress (see kubeforge.runtime.heartbeat)."""
+    seconds = os.environ.get(contract.ENV_HEARTBEAT_SECONDS)
+    if node_rank != 0 or not seconds:
+        return
+    from .heartbeat import Heartbeat, annotate_own_pod
+
+    try:
+        send = annotate_own_pod()
+    except Exception as exc:  # noqa: BLE001 - liveness reporting never stops training
+        log.warning("heartbeat off: %s", exc)
+        return
+    if send is not None:
+        Heartbeat(send, float(seconds)).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -73,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(DEFAULT_SHUTDOWN_TIMEOUT_S))
     args = parse_args(sys.argv[1:] if argv is None else argv)
     args.master_addr = resolve_master_addr(args.master_addr)
+    start_heartbeat(args.node_rank)
     try:
         run(args)
     except ChildFailedError as exc:

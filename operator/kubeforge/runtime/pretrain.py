@@ -122,6 +122,9 @@ def load_job(path: str | None = None) -> tuple[dict[str, Any], PretrainJobSpec]:
 
 def check_spec(spec: PretrainJobSpec, world_size: int) -> TrainPlan:
     """What the runtime can check before any process group or download."""
+    if spec.model is None or spec.data is None or spec.training is None:
+        raise InvalidSpec("the built-in trainer needs model, data and training (spec.entrypoint runs your own "
+                          "script instead)", "spec")
     m = spec.model
     if sum(x is not None for x in (m.uri, m.config)) != 1:
         if m.from_ is not None and m.uri is None:
