@@ -78,6 +78,12 @@ JOB_COLUMNS = (
     PrinterColumn("Output", ".status.output.uri", "string", "Finished model", priority=1),
 )
 
+RL_COLUMNS = (
+    *JOB_COLUMNS[:3],
+    PrinterColumn("Reward", ".status.progress.reward", "number", "Mean reward of the latest batch"),
+    *JOB_COLUMNS[4:],
+)
+
 # Rules both the API server (CEL, v1.25+) and kubeforge.api.validation enforce. The Python validator is the
 # one every server runs (older API servers drop x-kubernetes-validations); tests keep the two in step.
 MODEL_RULES = (
@@ -155,7 +161,7 @@ KINDS: tuple[Kind, ...] = (
         spec_model=RLJobSpec,
         status_model=JobStatus,
         description="Post-train a policy with reinforcement learning (GRPO, PPO, RLOO, DAPO).",
-        columns=JOB_COLUMNS,
+        columns=RL_COLUMNS,
         cel_rules=(
             *MODEL_RULES,
             *_gpu_rules("resources"),
