@@ -45,7 +45,8 @@ from .policy import Completion, completion_logprobs, pack, sample
 
 log = logging.getLogger("kubeforge.rl")
 
-JUDGE_URL_ENV = "KUBEFORGE_JUDGE_URL"  # the judge InferenceDeployment's Service URL, set by the operator
+JUDGE_URL_ENV = "KUBEFORGE_JUDGE_URL"  # a judge URL overriding reward.judge.url
+ROLLOUT_URLS_ENV = "KUBEFORGE_ROLLOUT_URLS"  # comma-separated base URLs of the rollout engines (disaggregated)
 CURVE_POINTS = 32
 
 
@@ -81,9 +82,12 @@ def check_spec(spec: RLJobSpec, world_size: int) -> None:
                           "processes", "spec.algorithm.promptsPerStep")
     if a.name in ("grpo", "rloo", "dapo") and a.group_size < 2:
         raise InvalidSpec(f"{a.name} needs groupSize >= 2", "spec.algorithm.groupSize")
-    if spec.rollout.placement != "colocated":
-        raise InvalidSpec("rollout.placement disaggregated is not implemented by this runtime yet; use "
-                          "colocated", "spec.rollout.placement")
+    if spec.rollout.placement == "disaggregated" and not os.environ.get(ROLLOUT_URLS_ENV):
+        raise InvalidSpec(f"rollout.placement disaggregated needs the rollout engines' URLs in {ROLLOUT_URLS_ENV} "
+                          "(this operator release does not create the rollout pool yet)", "spec.rollout.placement")
+    if spec.rollout.placement == "disaggregated" and spec.weight_sync.method != "http":
+        raise InvalidSpec("this runtime pushes weights to reference engines over http only",
+                          "spec.weightSync.method")
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -187,6 +191,12 @@ def logprobs_and_values(model: Any, batch: Any, temperature: float) -> tuple[Any
     return lp, values
 
 
+def torch_randint(generator: Any) -> int:
+    import torch
+
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+
+
 # ---------------------------------------------------------------------------------------------- one step
 
 
@@ -215,7 +225,41 @@ class Learner:
         self.denv, self.choice = denv, choice
         self.eos_id, self.pad_id = eos_id, pad_id
         self.version = 0
+        self.published = 0  # the version the rollout engines serve (colocated: always self.version)
         self.generator = torch.Generator().manual_seed(seed * 7919 + denv.rank)
+        self.remote: Any = None  # HttpRollout when disaggregated
+        self.engines: list[Any] = []
+
+    def use_engines(self, urls: str) -> None:
+        from .rollout import HttpRollout, engines_from
+
+        self.engines = engines_from(urls)
+        self.remote = HttpRollout(self.engines, self.engine_model_name(), self.encode_text, self.eos_id)
+
+    def engine_model_name(self) -> str:
+        import httpx
+
+        r = httpx.get(self.engines[0].url + "/v1/models", timeout=60)
+        r.raise_for_status()
+        return str(r.json()["data"][0]["id"])
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def sync_weights(self, force: bool = False) -> bool:
+        """Push the policy to the engines every weightSync.intervalSteps (rank 0 pushes; all learn the new
+        published version). Returns whether a push happened."""
+        if self.remote is None:
+            self.published = self.version
+            return False
+        if not force and self.version - self.published < self.spec.weight_sync.interval_steps:
+            return False
+        if self.denv.is_main:
+            from .weightsync import push_weights
+
+            push_weights(kdist.unwrap(self.model), self.engines, self.version)
+        self.published = self.version
+        return True
 
     def encode(self, prompt: str) -> list[int]:
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
@@ -224,6 +268,10 @@ class Learner:
 
     def rollout(self, records: list[PromptRecord]) -> list[Completion]:
         r = self.spec.rollout
+        if self.remote is not None:
+            seed = int(torch_randint(self.generator))
+            return self.remote.sample([self.encode(x.prompt) for x in records], self.spec.algorithm.group_size,
+                                      r.max_new_tokens, r.temperature, self.published, seed)
         return sample(kdist.unwrap(self.model), [self.encode(x.prompt) for x in records],
                       self.spec.algorithm.group_size, r.max_new_tokens, r.temperature, self.eos_id, self.pad_id,
                       self.version, self.generator, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
@@ -248,7 +296,7 @@ class Learner:
                 break
             records = prompts.take(need, self.denv.rank, self.denv.world_size)
             comps = self.rollout(records)
-            fresh = [c.version == self.version for c in comps]
+            fresh = [c.version == self.published for c in comps]
             stale += fresh.count(False)
             texts = [c.text for c in comps]
             scores = self.scorer.score([records[c.prompt_index].prompt for c in comps], texts,
@@ -261,7 +309,7 @@ class Learner:
             informative = alg.informative_groups(rt, g) if a.name == "dapo" else torch.ones(len(records), dtype=torch.bool)
             for gi, rec in enumerate(records):
                 group = comps[gi * g:(gi + 1) * g]
-                if not informative[gi] or not all(c.version == self.version for c in group):
+                if not informative[gi] or not all(c.version == self.published for c in group):
                     skipped += 1
                     continue
                 if len(kept_records) < per_rank:
@@ -361,6 +409,8 @@ def run(job: dict[str, Any], spec: RLJobSpec, stop: StopFlag) -> dict[str, Any]:
     learner = Learner(spec, model, optimizer, scheduler, tokenizer, scorer, reference, denv, choice, int(eos_id),
                       int(pad_id), a.seed)
 
+    if spec.rollout.placement == "disaggregated":
+        learner.use_engines(os.environ[ROLLOUT_URLS_ENV])
     app = AppState(model, optimizer, scheduler)
     ckpt = Checkpointer(store, workdir, denv, choice, spec.checkpoint.keep,
                         meta={"job": (job.get("metadata") or {}).get("name"), "totalSteps": a.steps, "kind": "RLJob"})
@@ -385,7 +435,7 @@ def run(job: dict[str, Any], spec: RLJobSpec, stop: StopFlag) -> dict[str, Any]:
     last: dict[str, Any] = {}
 
     def progress(**kw: Any) -> Progress:
-        rl = {"policyVersion": learner.version, "rewardCurve": curve[-CURVE_POINTS:],
+        rl = {"policyVersion": learner.version, "engineVersions": [learner.published] * len(learner.engines), "rewardCurve": curve[-CURVE_POINTS:],
               "rewardFailures": totals["failures"], "droppedStale": totals["stale"], **last.get("rl", {})}
         return Progress(step=step, total_steps=a.steps, tokens=tokens, loss=last.get("loss"),
                         tokens_per_second=last.get("tps"), last_checkpoint=ckpt.last_ref, time=now_rfc3339(),
@@ -400,6 +450,8 @@ def run(job: dict[str, Any], spec: RLJobSpec, stop: StopFlag) -> dict[str, Any]:
                      "worldSize": denv.world_size, "ranks": {str(r): x for r, x in enumerate(gathered)}}
         ckpt.save(app, step, tokens)
 
+    learner.sync_weights(force=True)  # the engines start from the (resumed) policy
+    tdist.barrier()
     reporter.report(progress(), force=True)
     interval = spec.checkpoint.interval_steps
     try:
@@ -407,6 +459,8 @@ def run(job: dict[str, Any], spec: RLJobSpec, stop: StopFlag) -> dict[str, Any]:
             t0 = time.monotonic()
             res = learner.step(prompts)
             step += 1
+            if learner.sync_weights():
+                tdist.barrier()  # no rank samples before the push is done
             n_tok = sum(1 for _ in res.rewards) * res.response_length
             tokens += int(n_tok * denv.world_size)
             r = torch.tensor(res.rewards or [0.0], dtype=torch.float64)

@@ -236,7 +236,7 @@ class JudgeScorer:
                  max_tokens: int = 16, concurrency: int = 8, client: Any = None) -> None:
         import httpx
 
-        self.base_url = base_url.rstrip("/")
+        self.base_url = base_url.rstrip("/").removesuffix("/v1")  # an OpenAI base URL often ends in /v1
         self.rubric, self.model, self.max_tokens = rubric, model, max_tokens
         self.concurrency = concurrency
         self.client = client or httpx.Client(timeout=timeout)

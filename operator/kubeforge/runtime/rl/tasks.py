@@ -1,10 +1,10 @@
 """A verifiable task small enough to learn on CPU: single-digit addition, and a base model that knows the
-answer format (a number, then EOS) but not addition, so every gain in reward is the RL's.
+answer format (a number, then EOS) but barely addition, so nearly every gain in reward is the RL's.
 
 `arithmetic_prompts` writes the prompt records RLJob reads ({"prompt": "3+4=", "reference": "7"});
 `weak_base_model` trains a tiny Llama with the byte tokenizer on multiplication ("a*b=" + product) and on
-"a+b=" followed by a RANDOM number of the sum's range: it reads operands and answers in the format (a number,
-then EOS), and scores at chance on addition.
+"a+b=" followed mostly (90%) by a RANDOM number of the sum's range: it reads operands and answers in the
+format (a number, then EOS), and scores little above chance on addition.
 """
 
 from __future__ import annotations
@@ -28,12 +28,14 @@ def write_jsonl(records: list[dict[str, Any]], path: str | Path) -> Path:
     return p
 
 
-def weak_base_model(out: str | Path, max_operand: int = 3, steps: int = 300, correct: float = 0.0,
+def weak_base_model(out: str | Path, max_operand: int = 3, steps: int = 300, correct: float = 0.1,
                     multiply: float = 0.5, seed: int = 0, **config_overrides: Any) -> Path:
     """A tiny Llama trained on "a*b=" with the right product (a fraction `multiply` of the examples) and
     on "a+b=" followed by the right sum with probability `correct`, else a uniformly random number in
-    [0, 2 x max_operand], then EOS. It reads operands (multiplication needs them) and knows the answer
-    format, but not addition: sampled, it scores about 1 / (2 x max_operand + 1) on the addition task."""
+    [0, 2 x max_operand], then EOS. It reads operands (multiplication needs them), knows the answer format and
+    barely addition: sampled at temperature 1 it scores about 0.13 on the addition task (chance is 1/7).
+    Without that small head start (correct=0), GRPO on a 64-wide model often collapses some prompts onto a
+    wrong answer and plateaus near 0.5."""
     import torch
 
     from ..tinymodel import build_model, byte_tokenizer, tiny_llama_config
