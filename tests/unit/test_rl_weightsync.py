@@ -93,3 +93,31 @@ def test_bad_weights_are_refused_and_the_old_ones_stay(engine) -> None:
     with pytest.raises(httpx.HTTPStatusError):
         client.push(state_dict_bytes(other), have + 5)
     assert client.version() == have
+
+
+def test_http_rollouts_carry_the_engines_version_and_stale_batches_are_marked(model_dir: Path, engine) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from kubeforge.runtime.rl.rollout import HttpRollout
+
+    tok = byte_tokenizer()
+    client = EngineClient(engine.url)
+    learner = AutoModelForCausalLM.from_pretrained(model_dir)
+    version = client.version() + 1
+    push_weights(learner, [client], version)
+    rollout = HttpRollout([client], "tiny", lambda s: tok.encode(s, add_special_tokens=False), tok.eos_token_id)
+    try:
+        prompt = [tok.bos_token_id, *tok.encode("1+1=", add_special_tokens=False)]
+        comps = rollout.sample([prompt, prompt], 3, 4, 1.0, version, seed=0)
+        assert len(comps) == 6 and {c.version for c in comps} == {version}
+        assert [c.prompt_index for c in comps] == [0, 0, 0, 1, 1, 1]
+        for c in comps:  # token ids re-encoded from the text (+ EOS when the engine stopped on it)
+            body = c.completion_ids[:-1] if c.finished else c.completion_ids
+            assert len(body) <= 4
+            if "\ufffd" not in c.text:  # a random model's invalid UTF-8 does not round-trip
+                assert tok.decode(body) == c.text
+        # the learner is at version + 1 but never pushed it: the batch is stale
+        stale = rollout.sample([prompt], 2, 4, 1.0, version + 1, seed=1)
+        assert {c.version for c in stale} == {-1} and rollout.stale_batches == 1
+    finally:
+        rollout.close()

@@ -55,7 +55,8 @@ class HttpRollout:
         out: list[Completion] = []
         for i, p, fut in jobs:
             text, finish = fut.result()
-            ids = self.encode(text)
+            # invalid UTF-8 comes back as U+FFFD (3 bytes): never more tokens than were sampled
+            ids = self.encode(text)[:max_new_tokens]
             finished = finish == "stop"
             if finished:
                 ids = [*ids, self.eos_id]
