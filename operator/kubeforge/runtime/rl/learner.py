@@ -341,7 +341,7 @@ class Learner:
                 loss = loss + 0.5 * alg.value_loss(new_values, old_values, returns, batch.completion_mask,
                                                    a.clip_range)
             stats_kl = st.kl
-            loss_value = float(loss)
+            loss_value = float(loss.detach())
         else:
             # nothing to learn from on this rank; a zero loss keeps the gang's collectives in step
             loss = sum(p.sum() for p in self.model.parameters()) * 0.0
