@@ -69,3 +69,34 @@ def test_rl_report_lands_in_status() -> None:
 def test_reward_printer_column() -> None:
     cols = {c.name: c.json_path for c in BY_KIND["RLJob"].columns}
     assert cols["Reward"] == ".status.progress.reward" and cols["Step"] == ".status.progress.step"
+
+
+def test_disaggregated_job_adds_a_rollout_pool_to_the_gang() -> None:
+    from kubeforge.controller.rl import RLGang
+
+    obj = rl_job(rollout={"engine": "reference", "placement": "disaggregated", "replicas": 2,
+                          "resources": {"requests": {"cpu": "500m"}}})
+    assert validate(obj) == []
+    spec = parse_spec(obj)
+    builder = RLGang(rl_spec=spec, obj=obj, resources=spec.resources, scheduling=spec.scheduling,
+                     module=RUNTIME_MODULE, resolved_spec=spec.to_wire(), secret_name="kubeforge-s3", s3_endpoint=None)
+    assert builder.gang_size() == 3 and builder.pod_names() == ["rl-worker-0"]
+    result = plan(JobContext(obj=obj, spec=spec, builder=builder, workload_version="v1beta2"),
+                  Observed(pods=[], source=Source(uri=spec.model.uri)), T0)
+    pods = {c["metadata"]["name"]: c for c in result.create if c["kind"] == "Pod"}
+    assert set(pods) == {"rl-worker-0", "rl-rollout-0", "rl-rollout-1"}
+    assert [pods[n]["metadata"]["labels"]["kubeforge.dev/replica-index"] for n in sorted(pods)] == ["1", "2", "0"]
+    env = {e["name"]: e.get("value") for e in pods["rl-worker-0"]["spec"]["containers"][0]["env"]}
+    assert env["KUBEFORGE_ROLLOUT_URLS"] == ("http://rl-rollout-0.rl-rollout.ns1.svc:8000,"
+                                             "http://rl-rollout-1.rl-rollout.ns1.svc:8000")
+    engine = pods["rl-rollout-1"]
+    assert engine["spec"]["subdomain"] == "rl-rollout" and engine["spec"]["hostname"] == "rl-rollout-1"
+    assert engine["metadata"]["labels"]["kubeforge.dev/role"] == "rollout"
+    assert "kubeforge.runtime.serve.engine" in engine["spec"]["containers"][0]["command"]
+    assert engine["spec"]["initContainers"][0]["command"][-2:] == ["s3://kubeforge/models/base", "/models/policy"]
+    assert engine["spec"]["containers"][0]["resources"]["requests"]["cpu"] == "500m"
+    services = {c["metadata"]["name"]: c for c in result.create if c["kind"] == "Service"}
+    assert services["rl-rollout"]["spec"]["selector"]["kubeforge.dev/role"] == "rollout"
+    assert services["rl-rollout"]["spec"]["clusterIP"] == "None"
+    sets = {s.name: s.count for s in builder.pod_sets(0)}
+    assert sets == {"worker": 1, "rollout": 2}

@@ -25,13 +25,15 @@ ROOT = Path(__file__).resolve().parents[2]
 class Run:
     """One learner pod: the launcher as a subprocess with its own progress and termination files."""
 
-    def __init__(self, tmp: Path, tag: str, job: dict[str, Any], s3_env: dict[str, str], nproc: int = 1) -> None:
+    def __init__(self, tmp: Path, tag: str, job: dict[str, Any], s3_env: dict[str, str], nproc: int = 1,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.dir = tmp / tag
         self.dir.mkdir(parents=True)
         spec = localrun.write_job(job, self.dir / "job.json")
         self.progress_file = self.dir / "progress.jsonl"
         self.term = self.dir / "termination-log"
         env = localrun.runtime_env(s3_env, spec, tmp / "work", self.progress_file, self.term)
+        env.update(extra_env or {})
         self.log = (self.dir / "out.log").open("w")
         argv = localrun.launch_argv(nproc, localrun.free_port(), module="kubeforge.runtime.rl.learner")
         self.proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
@@ -150,3 +152,23 @@ def test_grpo_learns_addition_and_resumes(s3_env: dict[str, str], s3_client: Any
     steps = [c.step for c in CheckpointStore(f"s3://{bucket}/ckpt", client=make_client(env=s3_env))
              .committed_checkpoints()]
     assert steps[-1] == 100
+
+
+def test_disaggregated_learner_pushes_weights_to_a_real_engine_and_stops_it(
+        s3_env: dict[str, str], s3_client: Any, bucket: str, base_model: Path, tmp_path: Path) -> None:
+    from kubeforge.runtime.serve.testing import engine_proc
+
+    model_uri, data_uri = upload_task(s3_client, bucket, base_model)
+    job = rl_job(model_uri, data_uri, f"s3://{bucket}/disagg", steps=6, klCoef=0.0)
+    job["spec"]["rollout"]["placement"] = "disaggregated"
+    job["spec"]["weightSync"] = {"method": "http", "intervalSteps": 2}
+    engine = engine_proc(str(base_model), name="policy", log_path=str(tmp_path / "engine.log")).wait()
+    try:
+        run = Run(tmp_path, "disagg", job, s3_env, extra_env={"KUBEFORGE_ROLLOUT_URLS": engine.url})
+        assert run.wait() == 0, run.output()[-3000:]
+        final = run.progress()[-1]
+        assert final["step"] == 6 and final["rl"]["policyVersion"] == 6
+        assert final["rl"]["engineVersions"] == [6] and final["rl"]["droppedStale"] == 0
+        assert engine.proc.wait(30) == 0  # the learner stopped the engine when it was done
+    finally:
+        engine.stop()

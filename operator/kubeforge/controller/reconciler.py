@@ -192,7 +192,14 @@ class Reconciler:
                 source = Source(waiting=judge_waiting)
             resolved = with_judge_url(resolved, judge_url)
         secret = spec.checkpoint.secret_ref.name if spec.checkpoint.secret_ref else None
-        builder = TorchrunGang(
+        gang_class: Any = TorchrunGang
+        extra: dict[str, Any] = {}
+        if obj["kind"] == "RLJob":
+            from .rl import RLGang
+
+            gang_class, extra = RLGang, {"rl_spec": spec}
+        builder = gang_class(
+            **extra,
             obj=obj, resources=spec.resources, scheduling=spec.scheduling, module=module,
             resolved_spec=resolved, secret_name=secret,
             s3_endpoint=spec.checkpoint.endpoint, python=self.settings.python,

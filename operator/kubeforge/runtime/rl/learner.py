@@ -84,7 +84,7 @@ def check_spec(spec: RLJobSpec, world_size: int) -> None:
         raise InvalidSpec(f"{a.name} needs groupSize >= 2", "spec.algorithm.groupSize")
     if spec.rollout.placement == "disaggregated" and not os.environ.get(ROLLOUT_URLS_ENV):
         raise InvalidSpec(f"rollout.placement disaggregated needs the rollout engines' URLs in {ROLLOUT_URLS_ENV} "
-                          "(this operator release does not create the rollout pool yet)", "spec.rollout.placement")
+                          "(the operator sets it on the learner pods)", "spec.rollout.placement")
     if spec.rollout.placement == "disaggregated" and spec.weight_sync.method != "http":
         raise InvalidSpec("this runtime pushes weights to reference engines over http only",
                           "spec.weightSync.method")
@@ -234,6 +234,8 @@ class Learner:
         from .rollout import HttpRollout, engines_from
 
         self.engines = engines_from(urls)
+        for e in self.engines:
+            e.wait_ready()
         self.remote = HttpRollout(self.engines, self.engine_model_name(), self.encode_text, self.eos_id)
 
     def engine_model_name(self) -> str:
@@ -507,6 +509,8 @@ def run(job: dict[str, Any], spec: RLJobSpec, stop: StopFlag) -> dict[str, Any]:
         if denv.is_main:
             write_termination_message(result)
             reporter.report(progress(output_uri=output_uri), force=True)
+            for e in learner.engines:
+                e.shutdown()
         tdist.barrier()
         return result
     finally:

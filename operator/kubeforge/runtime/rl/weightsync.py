@@ -5,6 +5,7 @@ Engine side (`engine_weight_routes`, mounted by kubeforge.runtime.serve.engine):
   engine's KV store (prefix / hand-off entries computed with the old weights) is cleared and its policy
   version set to N. Engine weights and KV entries of two versions never mix.
 - `GET /kubeforge/v1/weights`: {"version": N} (0 until the first sync: the weights it was started with).
+- `POST /kubeforge/v1/shutdown`: drain and exit 0 (the learner is done; the rollout pod succeeds).
 - `POST /kubeforge/v1/logprobs`: {"prompt_ids", "completion_ids", "version"} -> the log-probabilities of the
   completion tokens under the engine's weights, stamped with its version; a request that expects another
   version is answered 409 (the engine is stale), so nobody trains on a stale engine's numbers by accident.
@@ -24,6 +25,7 @@ from typing import Any
 
 WEIGHTS_PATH = "/kubeforge/v1/weights"
 LOGPROBS_PATH = "/kubeforge/v1/logprobs"
+SHUTDOWN_PATH = "/kubeforge/v1/shutdown"
 
 
 class StaleEngine(Exception):
@@ -125,8 +127,17 @@ def engine_weight_routes(engine: Any) -> list[Any]:
         lps, version = await asyncio.to_thread(run)
         return JSONResponse({"logprobs": lps, "version": version})
 
+    async def shutdown(request: Request) -> JSONResponse:
+        """The learner is done: stop like on SIGTERM (drain, exit 0), so a rollout pod of an RLJob's gang
+        succeeds with the learners."""
+        import os
+        import signal
+
+        asyncio.get_running_loop().call_later(0.2, os.kill, os.getpid(), signal.SIGTERM)
+        return JSONResponse({"stopping": True})
+
     return [Route(WEIGHTS_PATH, put_weights, methods=["PUT"]), Route(WEIGHTS_PATH, get_weights, methods=["GET"]),
-            Route(LOGPROBS_PATH, logprobs, methods=["POST"])]
+            Route(LOGPROBS_PATH, logprobs, methods=["POST"]), Route(SHUTDOWN_PATH, shutdown, methods=["POST"])]
 
 
 class EngineClient:
@@ -137,6 +148,26 @@ class EngineClient:
 
         self.url = url.rstrip("/")
         self.client = client or httpx.Client(timeout=timeout)
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        """Until the engine answers (a rollout pod starts with the learners and loads its model meanwhile)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.version()
+                return
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+
+    def shutdown(self) -> None:
+        try:
+            self.client.post(self.url + SHUTDOWN_PATH)
+        except Exception:  # noqa: BLE001, S110 - already gone is fine
+            pass
 
     def version(self) -> int:
         r = self.client.get(self.url + WEIGHTS_PATH)
