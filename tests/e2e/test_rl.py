@@ -98,3 +98,21 @@ def test_judge_example_waits_for_its_inference_deployment_and_counts_junk_replie
     # the tiny judge is no judge: most replies are junk. Each is a counted failure scoring 0, not a crash.
     rl = st["rl"]
     assert rl["rewardFailures"] > 0 and rl["policyVersion"] == job["spec"]["algorithm"]["steps"]
+
+
+def test_disaggregated_rollout_pool_gets_the_weights_and_finishes_with_the_learner(
+        operator: Operator, jobs: Jobs) -> None:
+    obj = with_checkpoint_in_namespace(example("rl-tiny.yaml"), jobs)
+    obj["metadata"]["name"] = name = "rl-disagg"
+    obj["spec"]["checkpoint"]["uri"] += "-disagg"
+    obj["spec"]["algorithm"]["steps"] = 8
+    obj["spec"]["rollout"].update(placement="disaggregated", replicas=2,
+                                  resources={"requests": {"cpu": "500m", "memory": "1Gi"}})
+    obj["spec"]["weightSync"] = {"method": "http", "intervalSteps": 2}
+    jobs.create(obj)
+    st = jobs.wait_phase(KIND, name, {"Succeeded", "Failed"}, timeout=600)
+    assert st["phase"] == "Succeeded", st
+    roles = sorted(p["metadata"]["labels"]["kubeforge.dev/role"] for p in jobs.pods(name))
+    assert roles == ["rollout", "rollout", "worker"]
+    assert all(p["status"]["phase"] == "Succeeded" for p in jobs.pods(name))
+    assert st["rl"]["engineVersions"] == [8, 8] and st["rl"]["droppedStale"] == 0
