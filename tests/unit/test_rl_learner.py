@@ -78,13 +78,16 @@ def upload_task(s3_client: Any, bucket: str, model_dir: Path) -> tuple[str, str]
 
 
 def rl_job(model_uri: str, data_uri: str, ckpt_uri: str, **algorithm: Any) -> dict[str, Any]:
+    """examples/rl-tiny.yaml's algorithm, reward and rollout, on this test's S3 server."""
+    import yaml
+
+    example = yaml.safe_load((ROOT / "examples" / "rl-tiny.yaml").read_text())["spec"]
     spec = {
         "model": {"uri": model_uri},
         "data": {"uri": data_uri},
-        "algorithm": {"name": "grpo", "groupSize": 8, "promptsPerStep": 16, "lr": 2e-3, "steps": 100, "klCoef": 0.04,
-                      "clipRange": 0.2, **algorithm},
-        "reward": {"verifiable": {"check": "exact_match"}},
-        "rollout": {"engine": "reference", "placement": "colocated", "temperature": 1.0, "maxNewTokens": 4},
+        "algorithm": {**example["algorithm"], **algorithm},
+        "reward": example["reward"],
+        "rollout": example["rollout"],
         "checkpoint": {"uri": ckpt_uri, "intervalSteps": 25, "keep": 2},
     }
     return {"apiVersion": "kubeforge.dev/v1alpha1", "kind": "RLJob",
@@ -140,6 +143,7 @@ def test_grpo_learns_addition_and_resumes(s3_env: dict[str, str], s3_client: Any
     stopped = first.progress()[-1]
     assert stopped["step"] >= 25 and stopped["rl"]["policyVersion"] == stopped["step"]
     assert stopped["rl"]["rewardCurve"][0]["reward"] < 0.2, stopped["rl"]["rewardCurve"]  # the base policy
+    assert stopped["rl"]["initialReward"] == stopped["rl"]["rewardCurve"][0]["reward"]
 
     second = Run(tmp_path, "run2", job, s3_env)
     assert second.wait() == 0, second.output()[-3000:]
@@ -149,6 +153,7 @@ def test_grpo_learns_addition_and_resumes(s3_env: dict[str, str], s3_client: Any
     assert final["step"] == 100 and final["outputUri"] == f"s3://{bucket}/ckpt/final"
     assert curve_mean(final["rl"]["rewardCurve"]) > 0.7, final["rl"]["rewardCurve"]
     assert final["rl"]["rewardFailures"] == 0 and final["rl"]["droppedStale"] == 0
+    assert final["rl"]["initialReward"] == stopped["rl"]["initialReward"]  # kept across the resume
     steps = [c.step for c in CheckpointStore(f"s3://{bucket}/ckpt", client=make_client(env=s3_env))
              .committed_checkpoints()]
     assert steps[-1] == 100

@@ -76,6 +76,8 @@ class RewardPoint(StatusModel):
 class RLStatus(StatusModel):
     """RLJob metrics of the latest learner step, as reported by rank 0."""
 
+    initial_reward: float | None = None
+    """Mean reward of the first step's batch: the starting policy's."""
     reward_std: float | None = None
     """Standard deviation of the latest batch's rewards."""
     kl: float | None = None

@@ -418,7 +418,7 @@ def run(job: dict[str, Any], spec: RLJobSpec, stop: StopFlag) -> dict[str, Any]:
                         meta={"job": (job.get("metadata") or {}).get("name"), "totalSteps": a.steps, "kind": "RLJob"})
     step, tokens = 0, 0
     curve: list[dict[str, Any]] = []
-    totals = {"failures": 0, "stale": 0}
+    totals: dict[str, Any] = {"failures": 0, "stale": 0}
     train = ckpt.restore(app)
     if train:
         step, tokens = int(train["step"]), int(train["tokens"])
@@ -438,7 +438,8 @@ def run(job: dict[str, Any], spec: RLJobSpec, stop: StopFlag) -> dict[str, Any]:
 
     def progress(**kw: Any) -> Progress:
         rl = {"policyVersion": learner.version, "engineVersions": [learner.published] * len(learner.engines), "rewardCurve": curve[-CURVE_POINTS:],
-              "rewardFailures": totals["failures"], "droppedStale": totals["stale"], **last.get("rl", {})}
+              "rewardFailures": totals["failures"], "droppedStale": totals["stale"],
+              "initialReward": totals.get("initialReward"), **last.get("rl", {})}
         return Progress(step=step, total_steps=a.steps, tokens=tokens, loss=last.get("loss"),
                         tokens_per_second=last.get("tps"), last_checkpoint=ckpt.last_ref, time=now_rfc3339(),
                         reward=last.get("reward"), rl=rl, **kw)
@@ -476,6 +477,8 @@ def run(job: dict[str, Any], spec: RLJobSpec, stop: StopFlag) -> dict[str, Any]:
             totals["failures"] += int(flags[5])
             totals["stale"] += int(flags[6])
             curve.append({"step": step, "reward": round(mean, 4)})
+            if step == 1:
+                totals["initialReward"] = round(mean, 4)
             dt = max(1e-9, time.monotonic() - t0)
             last.update(loss=float(flags[7]) / denv.world_size, reward=mean, tps=n_tok * denv.world_size / dt,
                         rl={"rewardStd": round(std, 4), "kl": round(float(flags[3]) / denv.world_size, 6),
