@@ -14,7 +14,7 @@ import pytest
 from kubeforge.devcluster.testing import ClusterHandle, pod_processes
 from kubeforge.runtime.rl import tasks
 
-from .conftest import Jobs, Operator, example, wait
+from .conftest import REPO, Jobs, Operator, example, wait
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("dev_cluster_only")]
 KIND = "RLJob"
@@ -27,8 +27,14 @@ def task(cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory) -> tu
 
 
 def with_checkpoint_in_namespace(obj: dict, jobs: Jobs) -> dict:
+    """The example in this test's namespace, its pods running this checkout's code (the dev cluster's pods
+    otherwise import the package the shared venv was installed from)."""
     obj = copy.deepcopy(obj)
     obj["spec"]["checkpoint"]["uri"] = f"s3://kubeforge/checkpoints/{jobs.ns}/{obj['metadata']['name']}"
+    code = {"name": "PYTHONPATH", "value": str(REPO / "operator")}
+    for holder in (obj["spec"].setdefault("resources", {}), obj["spec"].setdefault("rollout", {}).setdefault(
+            "resources", {})):
+        holder["env"] = [*holder.get("env", []), code]
     return obj
 
 
@@ -40,15 +46,39 @@ def kill_learner(namespace: str, pod: str) -> int:
     return pids[0]
 
 
+def diagnose(cluster: ClusterHandle, jobs: Jobs, name: str) -> str:
+    """The job's status and its pods' phases and log tails, for a failure message."""
+    import json
+
+    out = [f"status: {json.dumps(jobs.status(KIND, name), indent=1)[-4000:]}"]
+    for p in jobs.pods(name):
+        pod = p["metadata"]["name"]
+        out.append(f"--- pod {pod}: {p.get('status', {}).get('phase')}")
+        try:
+            out.append(cluster.pod_log(jobs.ns, pod)[-3000:])
+        except Exception as exc:  # noqa: BLE001 - a diagnostic
+            out.append(f"(no log: {exc})")
+    return "\n".join(out)
+
+
 def curve_mean(points: list[dict], n: int = 10) -> float:
     tail = points[-n:]
     return sum(p["reward"] for p in tail) / len(tail)
 
 
-def test_rl_tiny_learns_addition_and_survives_a_killed_learner(operator: Operator, jobs: Jobs) -> None:
+def test_rl_tiny_learns_addition_and_survives_a_killed_learner(operator: Operator, jobs: Jobs,
+                                                              cluster: ClusterHandle) -> None:
     obj = with_checkpoint_in_namespace(example("rl-tiny.yaml"), jobs)
     name = obj["metadata"]["name"]
     jobs.create(obj)
+    try:
+        learns_and_resumes(jobs, obj, name)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{diagnose(cluster, jobs, name)}\noperator log:\n{operator.log()[-3000:]}") \
+            from None
+
+
+def learns_and_resumes(jobs: Jobs, obj: dict, name: str) -> None:
     st = wait(lambda: (jobs.status(KIND, name).get("lastCheckpoint") or {}).get("step", 0) >= 20
               and jobs.status(KIND, name), 240, "a committed checkpoint")
     assert st["rl"]["initialReward"] < 0.2, st["rl"]  # the base policy
@@ -77,7 +107,7 @@ def test_rl_tiny_learns_addition_and_survives_a_killed_learner(operator: Operato
 
 
 def test_judge_example_waits_for_its_inference_deployment_and_counts_junk_replies(
-        operator: Operator, jobs: Jobs, tmp_path: Path) -> None:
+        operator: Operator, jobs: Jobs, cluster: ClusterHandle) -> None:
     import yaml
 
     from kubeforge.controller.kube import RESOURCES
@@ -91,7 +121,7 @@ def test_judge_example_waits_for_its_inference_deployment_and_counts_junk_replie
     assert not jobs.pods("rl-judged")
     jobs.create(judge)
     st = jobs.wait_phase(KIND, "rl-judged", {"Succeeded", "Failed"}, timeout=600)
-    assert st["phase"] == "Succeeded", st
+    assert st["phase"] == "Succeeded", diagnose(cluster, jobs, "rl-judged")
     served = jobs.kube.get(RESOURCES["InferenceDeployment"], jobs.ns, "rl-judge")
     assert served["status"]["phase"] == "Ready"
     # the tiny judge is no judge: whatever it replies, an unparsable reply is a counted failure scoring 0,
@@ -102,17 +132,17 @@ def test_judge_example_waits_for_its_inference_deployment_and_counts_junk_replie
 
 
 def test_disaggregated_rollout_pool_gets_the_weights_and_finishes_with_the_learner(
-        operator: Operator, jobs: Jobs) -> None:
+        operator: Operator, jobs: Jobs, cluster: ClusterHandle) -> None:
     obj = with_checkpoint_in_namespace(example("rl-tiny.yaml"), jobs)
     obj["metadata"]["name"] = name = "rl-disagg"
     obj["spec"]["checkpoint"]["uri"] += "-disagg"
     obj["spec"]["algorithm"]["steps"] = 8
-    obj["spec"]["rollout"].update(placement="disaggregated", replicas=2,
-                                  resources={"requests": {"cpu": "500m", "memory": "1Gi"}})
+    obj["spec"]["rollout"].update(placement="disaggregated", replicas=2)
+    obj["spec"]["rollout"]["resources"]["requests"] = {"cpu": "500m", "memory": "1Gi"}
     obj["spec"]["weightSync"] = {"method": "http", "intervalSteps": 2}
     jobs.create(obj)
     st = jobs.wait_phase(KIND, name, {"Succeeded", "Failed"}, timeout=600)
-    assert st["phase"] == "Succeeded", st
+    assert st["phase"] == "Succeeded", diagnose(cluster, jobs, name)
     roles = sorted(p["metadata"]["labels"]["kubeforge.dev/role"] for p in jobs.pods(name))
     assert roles == ["rollout", "rollout", "worker"]
     assert all(p["status"]["phase"] == "Succeeded" for p in jobs.pods(name))
