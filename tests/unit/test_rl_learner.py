@@ -177,3 +177,26 @@ def test_disaggregated_learner_pushes_weights_to_a_real_engine_and_stops_it(
         assert engine.proc.wait(30) == 0  # the learner stopped the engine when it was done
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("algorithm", [
+    {"name": "ppo", "klCoef": 0.0, "gamma": 1.0, "gaeLambda": 0.95},
+    {"name": "rloo", "klCoef": 0.04, "klEstimator": "k1"},
+    {"name": "dapo", "klCoef": 0.0, "clipRangeHigh": 0.28},
+    {"name": "grpo", "scaleRewards": "none"},
+], ids=lambda a: a["name"] + "-" + a.get("scaleRewards", ""))
+def test_every_algorithm_trains_and_exports(s3_env: dict[str, str], s3_client: Any, bucket: str, base_model: Path,
+                                            tmp_path: Path, algorithm: dict[str, Any]) -> None:
+    model_uri, data_uri = upload_task(s3_client, bucket, base_model)
+    job = rl_job(model_uri, data_uri, f"s3://{bucket}/{algorithm['name']}", steps=4, **algorithm)
+    run = Run(tmp_path, "run", job, s3_env)
+    assert run.wait() == 0, run.output()[-3000:]
+    final = run.progress()[-1]
+    assert final["step"] == 4 and final["rl"]["policyVersion"] == 4 and final["outputUri"]
+    assert (final["rl"]["kl"] != 0) == (algorithm.get("klCoef", 0.04) > 0)  # a reference only when klCoef > 0
+    # the exported policy is a plain causal LM (ppo's value head is not part of it)
+    from transformers import AutoModelForCausalLM
+
+    local = tmp_path / "out"
+    s3mod.download_dir(s3_client, final["outputUri"], local)
+    AutoModelForCausalLM.from_pretrained(local)
