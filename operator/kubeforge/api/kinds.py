@@ -204,6 +204,16 @@ class AlgorithmSpec(ApiModel):
     """Learner optimizer steps."""
     prompts_per_step: int = Field(default=8, ge=1)
     """Prompts per learner step (each expanded to groupSize completions)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """grpo advantage scaling: by the group's reward std, the batch's, or none (Dr. GRPO)."""
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    """KL estimator against the reference (used only when klCoef > 0)."""
+    gamma: float = Field(default=1.0, ge=0, le=1)
+    """ppo: discount over completion tokens."""
+    gae_lambda: float = Field(default=0.95, ge=0, le=1)
+    """ppo: GAE lambda."""
+    seed: int = Field(default=0, ge=0)
+    """Seed of initialisation, prompt order and sampling."""
 
 
 BUILTIN_CHECKS = ("exact_match", "contains", "math_answer", "json_valid", "regex_match")

@@ -87,6 +87,11 @@ JOB_COLUMNS = (
     PrinterColumn("Output", ".status.output.uri", "string", "Finished model", priority=1),
 )
 
+RL_COLUMNS = (
+    *JOB_COLUMNS[:3],
+    PrinterColumn("Reward", ".status.progress.reward", "number", "Mean reward of the latest batch"),
+    *JOB_COLUMNS[4:],
+)
 
 def _fmt(text: str, *args: str) -> str:
     """A messageExpression: `text` with its %d/%s filled from the CEL `args`. format(), because CEL's cost
@@ -456,7 +461,7 @@ KINDS: tuple[Kind, ...] = (
         spec_model=RLJobSpec,
         status_model=JobStatus,
         description="Post-train a policy with reinforcement learning (GRPO, PPO, RLOO, DAPO).",
-        columns=JOB_COLUMNS,
+        columns=RL_COLUMNS,
         cel_rules=(
             *MODEL_RULES,
             *_gpu_rules("resources"),

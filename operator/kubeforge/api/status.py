@@ -64,6 +64,38 @@ class Progress(StatusModel):
     """When rank 0 last reported."""
 
 
+class RewardPoint(StatusModel):
+    """One point of the reward curve."""
+
+    step: int
+    """Learner step."""
+    reward: float
+    """Mean reward of that step's batch."""
+
+
+class RLStatus(StatusModel):
+    """RLJob metrics of the latest learner step, as reported by rank 0."""
+
+    initial_reward: float | None = None
+    """Mean reward of the first step's batch: the starting policy's."""
+    reward_std: float | None = None
+    """Standard deviation of the latest batch's rewards."""
+    kl: float | None = None
+    """Mean KL to the reference (0 when klCoef is 0)."""
+    response_length: float | None = None
+    """Mean completion length in tokens."""
+    reward_failures: int | None = None
+    """Completions whose reward could not be computed (e.g. an unparsable judge reply), in total."""
+    dropped_stale: int | None = None
+    """Completions dropped because an engine sampled them with a stale policy version, in total."""
+    policy_version: int | None = None
+    """Policy version the learner last published."""
+    engine_versions: list[int] = Field(default_factory=list)
+    """Policy version each rollout engine serves."""
+    reward_curve: list[RewardPoint] = Field(default_factory=list, max_length=64)
+    """Recent (step, mean reward) points."""
+
+
 class CheckpointRef(StatusModel):
     """The newest committed checkpoint."""
 
@@ -109,6 +141,8 @@ class JobStatus(StatusModel):
     """The model URI after resolving model.from."""
     progress: Progress | None = None
     """Progress reported by rank 0."""
+    rl: RLStatus | None = None
+    """RLJob: rewards, KL, response length and engines' policy versions."""
     last_checkpoint: CheckpointRef | None = None
     """Newest committed checkpoint."""
     output: Output | None = None

@@ -73,6 +73,10 @@ class Reconciler:
                 return self.stall_invalid(obj, [str(e) for e in errors])
             if kind == "PretrainJob":
                 return self.reconcile_training(obj, "kubeforge.runtime.pretrain")
+            if kind == "RLJob":
+                from .rl import RUNTIME_MODULE
+
+                return self.reconcile_training(obj, RUNTIME_MODULE)
             if kind == "InferenceDeployment":
                 from .serving import reconcile_serving
 
@@ -183,15 +187,30 @@ class Reconciler:
         spec = parse_spec(obj)
         ns = obj["metadata"]["namespace"]
         source = self.resolve_source(obj, spec.model) if spec.model is not None else Source()
+        resolved = self.resolved_spec(spec, source)
+        if obj["kind"] == "RLJob":
+            from .rl import judge_endpoint, with_judge_url
+
+            judge_url, judge_waiting = judge_endpoint(self.kube, obj, spec)
+            if judge_waiting and not (source.waiting or source.failed):
+                source = Source(waiting=judge_waiting)
+            resolved = with_judge_url(resolved, judge_url)
         secret = spec.checkpoint.secret_ref.name if spec.checkpoint.secret_ref else None
-        builder = TorchrunGang(
+        gang_class: Any = TorchrunGang
+        extra: dict[str, Any] = {}
+        if obj["kind"] == "RLJob":
+            from .rl import RLGang
+
+            gang_class, extra = RLGang, {"rl_spec": spec}
+        builder = gang_class(
+            **extra,
             obj=obj, resources=spec.resources, scheduling=spec.scheduling, module=module,
-            resolved_spec=self.resolved_spec(spec, source), secret_name=secret,
+            resolved_spec=resolved, secret_name=secret,
             s3_endpoint=spec.checkpoint.endpoint, python=self.settings.python,
             model_secret_name=spec.model.secret_ref.name if spec.model and spec.model.secret_ref else None,
             data_secret_name=spec.data.secret_ref.name if spec.data and spec.data.secret_ref else None,
             grace_seconds=spec.run_policy.termination_grace_period_seconds,
-            entrypoint=spec.entrypoint,
+            entrypoint=getattr(spec, "entrypoint", None),
         )
         labelled = self.kube.list(RESOURCES["Pod"], ns, selector(obj))
         observed = Observed(pods=[p for p in labelled if owned_by(obj, p)],

@@ -129,6 +129,15 @@ def merge_progress(status: JobStatus, report: dict[str, Any] | None) -> None:
         tokens_per_second=report.get("tokensPerSecond"), percent=_percent(step, total), eta=_eta(report),
         stage=report.get("stage"), reward=report.get("reward"), updated_at=report.get("time"),
     )
+    if isinstance(report.get("rl"), dict):
+        from pydantic import ValidationError
+
+        from ..api.status import RLStatus
+
+        try:
+            status.rl = RLStatus.model_validate(report["rl"])
+        except ValidationError:
+            pass  # a malformed report does not block the rest of the status
     ckpt = report.get("lastCheckpoint")
     if isinstance(ckpt, dict) and ckpt.get("uri") and ckpt.get("step") is not None:
         status.last_checkpoint = CheckpointRef(uri=ckpt["uri"], step=ckpt["step"], time=ckpt.get("time"))

@@ -48,6 +48,8 @@ class Progress:
     last_checkpoint: dict[str, Any] | None = None  # {"uri", "step", "time"}
     output_uri: str | None = None
     time: str = ""
+    reward: float | None = None  # RLJob: mean reward of the latest batch
+    rl: dict[str, Any] | None = None  # RLJob: the status.rl block (camelCase keys)
 
     def to_json(self) -> dict[str, Any]:
         """JSON the API server accepts: a non-finite loss (a diverged run) is null plus `lossNonFinite`
@@ -65,6 +67,10 @@ class Progress:
             d["lossNonFinite"] = str(float(self.loss))
         if self.output_uri:
             d["outputUri"] = self.output_uri
+        if self.reward is not None:
+            d["reward"] = round(float(self.reward), 6)
+        if self.rl is not None:
+            d["rl"] = self.rl
         return d
 
 

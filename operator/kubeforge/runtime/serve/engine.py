@@ -772,9 +772,17 @@ def build_app(engine: Engine, request_timeout: float = 600.0) -> Starlette:
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             Route("/kv/{tid}", kv_get, methods=["GET"]),
+            *_rl_weight_routes(engine),
         ],
         lifespan=lifespan,
     )
+
+
+def _rl_weight_routes(engine: Engine) -> list:
+    """RLJob's weight sync and version-stamped log-probabilities (kubeforge.runtime.rl.weightsync)."""
+    from kubeforge.runtime.rl.weightsync import engine_weight_routes
+
+    return engine_weight_routes(engine)
 
 
 def _sse(obj: dict) -> bytes:

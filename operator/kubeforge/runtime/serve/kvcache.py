@@ -193,6 +193,12 @@ class KVStore:
         with self._lock:
             return self._drop(tid) if tid in self._entries else None
 
+    def clear(self) -> None:
+        """Drop every entry (e.g. after new weights were loaded: the caches belong to the old ones)."""
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
     def __len__(self) -> int:
         return len(self._entries)
 

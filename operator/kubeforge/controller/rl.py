@@ -1,0 +1,150 @@
+"""What an RLJob adds to the training-job reconcile: the LLM judge it waits for and calls.
+
+The learner gang itself is PretrainJob's (controller/training.py + torchrun.py, runtime module
+kubeforge.runtime.rl.learner); `RLGang` adds the rollout pool when placement is disaggregated. When `reward.judge.inferenceDeployment` is set, the job stays Pending until that
+InferenceDeployment's Ready condition is True, and the runtime receives the deployment's in-cluster endpoint
+as `reward.judge.url` in its resolved spec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .. import contract
+from . import gang, kueue
+from .children import child_name, downward_env, headless_service, metadata, placement, resources_block, s3_env
+from .kube import RESOURCES
+from .torchrun import TorchrunGang
+
+RUNTIME_MODULE = "kubeforge.runtime.rl.learner"
+ROLLOUT_URLS_ENV = "KUBEFORGE_ROLLOUT_URLS"  # read by kubeforge.runtime.rl.learner
+
+
+def judge_endpoint(kube: Any, obj: dict[str, Any], spec: Any) -> tuple[str | None, str | None]:
+    """(endpoint, None) when the judge is ready to call or none is needed; (None, why) while waiting."""
+    judge = getattr(spec.reward, "judge", None)
+    if judge is None or not judge.inference_deployment:
+        return None, None
+    name = judge.inference_deployment
+    infd = kube.get(RESOURCES["InferenceDeployment"], obj["metadata"]["namespace"], name)
+    if infd is None:
+        return None, f"waiting for InferenceDeployment {name} to exist (reward.judge)"
+    status = infd.get("status") or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    if not ready or not status.get("endpoint"):
+        return None, f"waiting for InferenceDeployment {name} to be Ready (reward.judge; now " \
+                     f"{status.get('phase') or 'Pending'})"
+    return str(status["endpoint"]), None
+
+
+def with_judge_url(wire: dict[str, Any], endpoint: str | None) -> dict[str, Any]:
+    """The resolved spec the runtime reads: the judge by URL."""
+    if not endpoint:
+        return wire
+    reward = dict(wire.get("reward") or {})
+    judge = {k: v for k, v in (reward.get("judge") or {}).items() if k != "inferenceDeployment"}
+    judge["url"] = endpoint
+    reward["judge"] = judge
+    return {**wire, "reward": reward}
+
+
+# ---------------------------------------------------------------------------------------------- rollout pool
+
+ROLLOUT_ROLE = "rollout"
+ENGINE_PORT = 8000
+ROLLOUT_MODEL_DIR = "/models/policy"
+
+
+@dataclass
+class RLGang(TorchrunGang):
+    """The learner gang (TorchrunGang) plus, when rollout.placement is disaggregated, `rollout.replicas`
+    reference engine pods in the same gang: scheduled, restarted and torn down together with the learners
+    (a restarted learner pushes its resumed weights to fresh engines). Engines get stable names
+    `<job>-rollout-<i>.<job>-rollout.<ns>.svc` through their own headless Service; the learners find them in
+    KUBEFORGE_ROLLOUT_URLS and stop them (POST /kubeforge/v1/shutdown) when training is done, so the whole
+    gang succeeds."""
+
+    rl_spec: Any = None
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.rl_spec is not None and self.rl_spec.rollout.placement == "disaggregated"
+
+    def learners(self) -> int:
+        return super().gang_size()
+
+    def pod_names(self) -> list[str]:  # the pods that report progress (learners only)
+        return [child_name(self.name, "worker", i) for i in range(self.learners())]
+
+    def gang_size(self) -> int:
+        return self.learners() + (self.rl_spec.rollout.replicas if self.disaggregated else 0)
+
+    def rollout_service_name(self) -> str:
+        return f"{self.name}-{ROLLOUT_ROLE}"
+
+    def rollout_urls(self) -> list[str]:
+        return [f"http://{child_name(self.name, ROLLOUT_ROLE, i)}.{self.rollout_service_name()}.{self.namespace}"
+                f".svc:{ENGINE_PORT}" for i in range(self.rl_spec.rollout.replicas)]
+
+    def support_children(self, gang_backend: gang.Backend) -> list[dict[str, Any]]:
+        out = super().support_children(gang_backend)
+        if self.disaggregated:
+            svc = headless_service(self.obj, ROLLOUT_ROLE, ENGINE_PORT, "http")
+            svc["metadata"]["name"] = self.rollout_service_name()
+            out.append(svc)
+        return out
+
+    def pod(self, rank: int, attempt: int, extra: dict[str, Any], gang_backend: gang.Backend) -> dict[str, Any]:
+        if rank >= self.learners():
+            return self.rollout_pod(rank - self.learners(), rank, attempt, extra, gang_backend)
+        p = super().pod(rank, attempt, extra, gang_backend)
+        if self.disaggregated:
+            p["spec"]["containers"][0]["env"].append({"name": ROLLOUT_URLS_ENV, "value": ",".join(self.rollout_urls())})
+        return p
+
+    def rollout_pod(self, i: int, rank: int, attempt: int, extra: dict[str, Any],
+                    gang_backend: gang.Backend) -> dict[str, Any]:
+        ro = self.rl_spec.rollout
+        name = child_name(self.name, ROLLOUT_ROLE, i)
+        gang_labels, gang_annotations, scheduler = gang.pod_fields(self.obj, gang_backend)
+        meta = metadata(self.obj, name, ROLLOUT_ROLE, **{contract.LABEL_REPLICA_INDEX: str(rank),
+                                                          contract.LABEL_ATTEMPT: str(attempt)}, **gang_labels)
+        if gang_annotations:
+            meta["annotations"] = gang_annotations
+        model = self.resolved_spec["model"]
+        secret = (model.get("secretRef") or {}).get("name") or self.secret_name
+        env, env_from = s3_env(secret, self.s3_endpoint)
+        volume = {"name": "model", "mountPath": "/models"}
+        fetch = {"name": "fetch-model", "image": ro.resources.image, "volumeMounts": [volume],
+                 "command": [self.python, "-m", "kubeforge.runtime.fetch", model["uri"], ROLLOUT_MODEL_DIR],
+                 "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, *env], "envFrom": env_from}
+        engine = {
+            "name": "engine", "image": ro.resources.image, "volumeMounts": [volume],
+            "command": [self.python, "-m", "kubeforge.runtime.serve.engine", "--model", ROLLOUT_MODEL_DIR,
+                        "--served-model-name", "policy", "--host", f"$({contract.ENV_POD_IP})",
+                        "--port", str(ENGINE_PORT), "--engine-id", f"$({contract.ENV_POD_NAME})",
+                        "--threads", "1"],
+            "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, *downward_env(),
+                    *({"name": e.name, "value": e.value} for e in ro.resources.env)],
+            "ports": [{"name": "http", "containerPort": ENGINE_PORT}],
+            "resources": resources_block(ro.resources),
+        }
+        pod_spec: dict[str, Any] = {
+            "restartPolicy": "Never", "hostname": name, "subdomain": self.rollout_service_name(),
+            "terminationGracePeriodSeconds": 30, "initContainers": [fetch], "containers": [engine],
+            "volumes": [{"name": "model", "emptyDir": {}}], **placement(ro.resources),
+        }
+        if scheduler:
+            pod_spec["schedulerName"] = scheduler
+        if extra.get("nodeSelector"):
+            pod_spec["nodeSelector"] = {**pod_spec.get("nodeSelector", {}), **extra["nodeSelector"]}
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+
+    def pod_sets(self, attempt: int) -> list[kueue.PodSet]:
+        sets = [kueue.PodSet(s.name, self.learners(), s.template) for s in super().pod_sets(attempt)]
+        if self.disaggregated:
+            t = self.rollout_pod(0, self.learners(), attempt, {}, "kueue")
+            sets.append(kueue.PodSet(ROLLOUT_ROLE, self.rl_spec.rollout.replicas,
+                                     {"metadata": {"labels": t["metadata"]["labels"]}, "spec": t["spec"]}))
+        return sets
