@@ -47,6 +47,7 @@ class Progress:
     last_checkpoint: dict[str, Any] | None = None  # {"uri", "step", "time"}
     output_uri: str | None = None
     time: str = ""
+    extra: dict[str, Any] | None = None  # kind-specific keys (ContextExtensionJob: stage, stages)
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -60,6 +61,8 @@ class Progress:
         }
         if self.output_uri:
             d["outputUri"] = self.output_uri
+        if self.extra:
+            d.update(self.extra)
         return d
 
 
