@@ -7,7 +7,7 @@ import time
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from builders import context_extension_job, pretrain_job, with_
+from builders import pretrain_job, rl_job, with_
 from kubeforge.controller.kube import RESOURCES, Kube
 from kubeforge.controller.reconciler import Reconciler
 from kubeforge.settings import OperatorSettings
@@ -58,11 +58,11 @@ def test_invalid_spec_on_a_server_without_the_webhook_is_stalled_with_the_field_
 
 def test_kinds_without_a_controller_say_so_honestly(reconciler, namespace):
     kube = reconciler.kube
-    obj = context_extension_job("extend")
+    obj = rl_job("post")
     obj["metadata"]["namespace"] = namespace
     kube.create(obj)
-    reconciler.reconcile("ContextExtensionJob", namespace, "extend")
-    got = kube.get(RESOURCES["ContextExtensionJob"], namespace, "extend")
+    reconciler.reconcile("RLJob", namespace, "post")
+    got = kube.get(RESOURCES["RLJob"], namespace, "post")
     conds = conditions(got)
     assert conds["Stalled"]["reason"] == "NotImplemented" and conds["Ready"]["status"] == "False"
     assert "phase" not in got["status"] and got["status"]["observedGeneration"] == 1

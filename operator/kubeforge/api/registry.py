@@ -78,6 +78,13 @@ JOB_COLUMNS = (
     PrinterColumn("Output", ".status.output.uri", "string", "Finished model", priority=1),
 )
 
+# ContextExtensionJob: the stage running now ("2/3 512") right after the phase
+EXTENSION_COLUMNS = (
+    JOB_COLUMNS[0],
+    PrinterColumn("Stage", ".status.currentStage", "string", "Stage running now / stages, and its seqLen"),
+    *JOB_COLUMNS[1:],
+)
+
 # Rules both the API server (CEL, v1.25+) and kubeforge.api.validation enforce. The Python validator is the
 # one every server runs (older API servers drop x-kubernetes-validations); tests keep the two in step.
 MODEL_RULES = (
@@ -140,7 +147,7 @@ KINDS: tuple[Kind, ...] = (
         spec_model=ContextExtensionJobSpec,
         status_model=JobStatus,
         description="Extend a model's context window in progressive stages.",
-        columns=JOB_COLUMNS,
+        columns=EXTENSION_COLUMNS,
         cel_rules=(
             *MODEL_RULES,
             *_gpu_rules("resources"),

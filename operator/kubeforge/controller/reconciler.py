@@ -71,6 +71,10 @@ class Reconciler:
                 return self.stall_invalid(obj, [str(e) for e in errors])
             if kind == "PretrainJob":
                 return self.reconcile_training(obj, "kubeforge.runtime.pretrain")
+            if kind == "ContextExtensionJob":
+                from .extension import RUNTIME_MODULE
+
+                return self.reconcile_training(obj, RUNTIME_MODULE)
             if kind == "InferenceDeployment":
                 from .serving import reconcile_serving
 
