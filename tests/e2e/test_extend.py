@@ -33,6 +33,9 @@ def _in_namespace(obj: dict, jobs: Jobs) -> dict:
     obj = copy.deepcopy(obj)
     name = obj["metadata"]["name"]
     obj["spec"]["checkpoint"]["uri"] = f"s3://kubeforge/checkpoints/{jobs.ns}/{name}"
+    # the dev cluster's pods run this checkout's runtime, whichever checkout the venv was installed from
+    env = obj["spec"]["resources"].setdefault("env", [])
+    env.append({"name": "PYTHONPATH", "value": str(REPO / "operator")})
     return obj
 
 
