@@ -15,11 +15,11 @@ import torch.multiprocessing as mp
 TOL = 1e-10
 
 
-def _entry(rank: int, world: int, rdzv: str, impl: str) -> None:
+def _entry(rank: int, world: int, rdzv: str, impl: str, degree: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
     try:
-        _check(rank, world, impl)
+        _check(rank, world, impl, degree)
     finally:
         dist.destroy_process_group()
 
@@ -32,7 +32,7 @@ def _model(attn: str) -> Any:
     return model
 
 
-def _check(rank: int, world: int, impl: str) -> None:
+def _check(rank: int, world: int, impl: str, degree: int) -> None:
     import torch.nn.functional as F
 
     from kubeforge.runtime import dist as kdist
@@ -48,11 +48,14 @@ def _check(rank: int, world: int, impl: str) -> None:
     ref_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
     ref_loss.backward()
 
-    # degree `world`: the runtime's path, DDP-wrapped, each rank on its shard
-    mesh = sequence.build_mesh(impl, world)
+    # the runtime's path, DDP-wrapped, each rank on its shard; with world > degree every data-parallel
+    # replica takes its own sequences of the batch
+    mesh = sequence.build_mesh(impl, degree)
+    assert (mesh.dp_size, mesh.dp_rank, mesh.sp_rank) == (world // degree, rank // degree, rank % degree)
     model = kdist.wrap(_model(sp.attn_implementation(impl)), kdist.Choice("cpu", "gloo", "ddp", "fp32"),
                        torch.device("cpu"), kdist.DistEnv(rank, world, rank, world, 0))
-    ce = sequence.forward_backward(model, batch, mesh, tokens_per_step=batch.size(0) * seq_len)
+    mine = batch.chunk(mesh.dp_size)[mesh.dp_rank]
+    ce = sequence.forward_backward(model, mine, mesh, tokens_per_step=batch.size(0) * seq_len)
     dist.all_reduce(ce)
     loss = ce.item() / (batch.size(0) * seq_len)
     assert abs(loss - ref_loss.item()) <= TOL, f"{impl} loss {loss} vs {ref_loss.item()}"
@@ -65,4 +68,11 @@ def _check(rank: int, world: int, impl: str) -> None:
 def test_degree_two_step_equals_degree_one(impl: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_entry, args=(2, os.path.join(tmp, "rdzv"), impl), nprocs=2, join=True)
+        mp.spawn(_entry, args=(2, os.path.join(tmp, "rdzv"), impl, 2), nprocs=2, join=True)
+
+
+def test_data_parallel_times_sequence_parallel_step_equals_degree_one() -> None:
+    # 4 processes: 2 data-parallel replicas x zigzag degree 2, one sequence each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_entry, args=(4, os.path.join(tmp, "rdzv"), "zigzag", 2), nprocs=4, join=True)
