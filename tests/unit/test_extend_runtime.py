@@ -174,3 +174,27 @@ def test_three_stages_kill_in_stage_two_resume_evals_and_export(s3_env: dict[str
         assert len(ev["needle"]["cells"]) == 6
         png = s3_client.get_object(Bucket=bucket, Key=f"extend/evals/stage-{n}/niah.png")["Body"].read()
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_at_a_stage_boundary_starts_the_next_stage_from_the_committed_weights(
+        s3_env: dict[str, str], s3_client: Any, bucket: str, tmp_path: Path) -> None:
+    src = save_tiny_model(tmp_path / "tiny", max_position_embeddings=128)
+    for f in src.iterdir():
+        s3_client.upload_file(str(f), bucket, f"models/tiny/{f.name}")
+    s3_client.upload_file(str(CORPUS), bucket, "data/tiny-corpus.jsonl")
+    job = _job(bucket, "boundary")
+    job["spec"]["eval"] = {}
+    one = json.loads(json.dumps(job))
+    one["spec"]["stages"] = job["spec"]["stages"][:1]
+
+    # a job of stage 1 alone commits its last step (3): the boundary a longer job resumes from
+    first = Pod(tmp_path, "one", one, s3_env)
+    assert first.wait() == 0, first.output()[-4000:]
+    second = Pod(tmp_path, "two", job, s3_env)
+    assert second.wait() == 0, second.output()[-4000:]
+    assert "resumed at step 3, stage 2/3" in second.output()
+    reports = localrun.read_progress(second.progress_file)
+    assert reports[0]["stage"] == 2 and reports[0]["step"] == 3
+    assert reports[0]["stages"][0]["state"] == "Succeeded" and reports[0]["stages"][0]["stepsDone"] == 3
+    done = json.loads(second.term.read_text())
+    assert done["step"] == 11 and [s["state"] for s in done["stages"]] == ["Succeeded"] * 3

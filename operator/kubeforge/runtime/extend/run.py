@@ -145,6 +145,16 @@ def resume_point(step: int | None, stages: list[StagePlan]) -> tuple[int, bool]:
     return len(stages) - 1, True  # every stage done: only the export is left
 
 
+def carried_records(saved: list[dict[str, Any]] | None, planned: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stage records of a checkpoint where they describe the same stages as the plan, the plan's elsewhere
+    (a spec that gained stages after its first ones ran keeps their results)."""
+    out = list(planned)
+    for i, rec in enumerate(saved or []):
+        if i < len(out) and rec.get("seqLen") == out[i]["seqLen"]:
+            out[i] = rec
+    return out
+
+
 def load_job(path: str | None = None) -> tuple[dict[str, Any], ContextExtensionJobSpec]:
     from pydantic import ValidationError
 
@@ -274,7 +284,7 @@ def run(job: dict[str, Any], spec: ContextExtensionJobSpec, stop: pretrain.StopF
                 if train is None or int(train["step"]) != peek[0]:
                     raise RuntimeError(f"checkpoint step {peek[0]} could not be restored; restarting")
                 step, tokens, loss_value = int(train["step"]), int(train["tokens"]), train.get("loss")
-                records = train.get("stages") or records
+                records = carried_records(train.get("stages"), records)
                 if inside:
                     ranks = {int(r): s for r, s in train.get("ranks", {}).items()}
                     stream.load_gang_state({r // spc.degree: s["data"] for r, s in ranks.items()
