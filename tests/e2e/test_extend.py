@@ -72,19 +72,20 @@ def test_example_extends_the_tiny_model_in_three_stages_and_resumes_after_a_kill
     st = wait(in_stage_two, 600, "a checkpoint inside stage 2")
     assert st["resolvedModelUri"] == src["output"]["uri"]
     assert st["stages"][0]["state"] == "Succeeded" and "needleScore" in st["stages"][0]["evals"]
+    saved, reported = st["lastCheckpoint"]["step"], st["progress"]["updatedAt"]
     kill_extend_worker(jobs.ns, "extend-tiny-worker-1")
     wait(lambda: jobs.status(KIND, "extend-tiny").get("attempt") == 1, 90, "the gang to be torn down")
 
-    # the new gang's first report is in stage 2 at (or past) the newest committed step
+    # the new gang's first report: stage 2 (or later), at or past the checkpoint committed before the kill
     def resumed() -> dict | None:
         s = jobs.status(KIND, "extend-tiny")
         p = s.get("progress") or {}
-        return s if s.get("attempt") == 1 and s.get("phase") == "Running" and p.get("stage") is not None else None
+        fresh = s.get("attempt") == 1 and (p.get("updatedAt") or "") > reported
+        return s if fresh else None
 
     st = wait(resumed, 300, "progress from the new gang")
-    committed = st["lastCheckpoint"]["step"]
-    assert st["progress"]["stage"] >= 2 and committed > 8, st
-    assert st["stages"][0]["state"] == "Succeeded"
+    assert st["progress"]["stage"] >= 2 and st["progress"]["step"] >= saved > 8, st
+    assert st["stages"][0]["state"] == "Succeeded" and st["restarts"] == 1
 
     st = jobs.wait_phase(KIND, "extend-tiny", {"Succeeded", "Failed"}, timeout=600)
     assert st["phase"] == "Succeeded" and st["restarts"] == 1, st
