@@ -48,6 +48,19 @@ def kill_extend_worker(namespace: str, pod: str) -> int:
     return pids[0]
 
 
+def _diagnose(jobs: Jobs, cluster: ClusterHandle) -> str:
+    """Status and the tail of every extend-tiny pod's log, for a failure message."""
+    out = [json.dumps(jobs.status(KIND, "extend-tiny"), indent=1)[-3000:]]
+    for p in jobs.pods("extend-tiny"):
+        name = p["metadata"]["name"]
+        try:
+            out.append(f"--- {name}\n" + cluster.pod_log(jobs.ns, name)[-3000:])
+        except Exception as exc:  # noqa: BLE001 - diagnostics only
+            out.append(f"--- {name}: no log ({exc})")
+    return "\n".join(out)
+
+
+@pytest.mark.timeout(1500)  # a pre-training, three stages with evals and a restart, on a shared CPU
 def test_example_extends_the_tiny_model_in_three_stages_and_resumes_after_a_kill(
         operator: Operator, jobs: Jobs, cluster: ClusterHandle, tmp_path: Path):
     source = _in_namespace(example("pretrain-tiny.yaml"), jobs)
@@ -69,7 +82,10 @@ def test_example_extends_the_tiny_model_in_three_stages_and_resumes_after_a_kill
               and (s.get("lastCheckpoint") or {}).get("step", 0) > stage1_end)
         return s if ok else None
 
-    st = wait(in_stage_two, 600, "a checkpoint inside stage 2")
+    try:
+        st = wait(in_stage_two, 600, "a checkpoint inside stage 2")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{_diagnose(jobs, cluster)}") from None
     assert st["resolvedModelUri"] == src["output"]["uri"]
     assert st["stages"][0]["state"] == "Succeeded" and "needleScore" in st["stages"][0]["evals"]
     saved, reported = st["lastCheckpoint"]["step"], st["progress"]["updatedAt"]
@@ -83,12 +99,15 @@ def test_example_extends_the_tiny_model_in_three_stages_and_resumes_after_a_kill
         fresh = s.get("attempt") == 1 and (p.get("updatedAt") or "") > reported
         return s if fresh else None
 
-    st = wait(resumed, 300, "progress from the new gang")
+    try:
+        st = wait(resumed, 300, "progress from the new gang")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{_diagnose(jobs, cluster)}") from None
     assert st["progress"]["stage"] >= 2 and st["progress"]["step"] >= saved > 8, st
     assert st["stages"][0]["state"] == "Succeeded" and st["restarts"] == 1
 
     st = jobs.wait_phase(KIND, "extend-tiny", {"Succeeded", "Failed"}, timeout=600)
-    assert st["phase"] == "Succeeded" and st["restarts"] == 1, st
+    assert st["phase"] == "Succeeded" and st["restarts"] == 1, _diagnose(jobs, cluster)
     assert [s["state"] for s in st["stages"]] == ["Succeeded"] * 3
     assert [s["seqLen"] for s in st["stages"]] == [256, 512, 1024]
     thetas = [s["ropeTheta"] for s in st["stages"]]
