@@ -77,6 +77,8 @@ def test_example_extends_the_tiny_model_in_three_stages_and_resumes_after_a_kill
     # stage 2 has committed a checkpoint of its own: kill a worker of the gang
     def in_stage_two() -> dict | None:
         s = jobs.status(KIND, "extend-tiny")
+        if s.get("phase") in ("Failed", "Succeeded"):
+            raise AssertionError(f"finished before a kill in stage 2\n{_diagnose(jobs, cluster)}")
         stage1_end = 8
         ok = (s.get("currentStage", "").startswith("2/3")
               and (s.get("lastCheckpoint") or {}).get("step", 0) > stage1_end)
