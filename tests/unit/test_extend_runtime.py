@@ -169,6 +169,8 @@ def test_three_stages_kill_in_stage_two_resume_evals_and_export(s3_env: dict[str
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.max_position_embeddings == 1024
     assert json.loads((out / "extension.json").read_text())["stages"][2]["seqLen"] == 1024
+    assert (out / "evals" / "stage-1" / "niah.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "evals" / "stage-3" / "evals.json").read_text())["seqLen"] == 1024
     for n in (1, 2, 3):
         ev = json.loads(s3_client.get_object(Bucket=bucket, Key=f"extend/evals/stage-{n}/evals.json")["Body"].read())
         assert len(ev["needle"]["cells"]) == 6

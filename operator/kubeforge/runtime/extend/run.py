@@ -413,11 +413,19 @@ def run_evals(spec: ContextExtensionJobSpec, stage: StagePlan, model: Any, mesh:
 
 
 def upload_final_evals(store: CheckpointStore, records: list[dict[str, Any]], workdir: Path) -> None:
-    """Provenance next to the exported model: every stage's θ/scaling, loss and evals."""
+    """Provenance next to the exported model: every stage's θ/scaling, loss and evals (extension.json), and
+    each stage's evals.json / niah.png copied from <checkpoint.uri>/evals/ to final/evals/ (server-side, so
+    stages run by an earlier gang are included)."""
     out = workdir / "final-evals"
     out.mkdir(parents=True, exist_ok=True)
     (out / "extension.json").write_text(json.dumps({"stages": records}, indent=2))
     s3mod.upload_files(store.client, out, store.final_uri, ["extension.json"])
+    evals = store.root.join("evals")
+    for obj in s3mod.list_objects(store.client, evals):
+        rel = obj["Key"][len(evals.prefix):].lstrip("/")
+        dest = store.final_uri.join("evals", rel)
+        store.client.copy_object(Bucket=dest.bucket, Key=dest.key,
+                                 CopySource={"Bucket": evals.bucket, "Key": obj["Key"]})
 
 
 def main(argv: list[str] | None = None) -> int:
