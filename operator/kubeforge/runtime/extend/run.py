@@ -331,6 +331,7 @@ def run(job: dict[str, Any], spec: ContextExtensionJobSpec, stop: pretrain.StopF
                     window_losses.append(loss_value)
                     if ckpt.pending is not None and int(flags[2].item()) == denv.world_size:
                         ckpt.finalize()
+                        reporter.report(progress(stage), force=True)  # the operator learns of the commit now
                     now = time.monotonic()
                     if now - window_start >= pretrain.MIN_REPORT_INTERVAL_S or step == stage.end_step \
                             or flags[1].item() > 0 or step == stage.start_step + 1:
