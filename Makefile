@@ -6,6 +6,11 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.kubeforge-installed
 PYTEST_ARGS ?=
+# Two workers, a test file each at a time; each worker that needs a cluster starts its own dev cluster (they
+# run side by side in separate network slots), so the long e2e modules overlap.
+PYTEST_PARALLEL ?= -n 2 --dist loadfile
+# pip's wheel cache (torch's CUDA build is several GB) kept with the project's other caches.
+export PIP_CACHE_DIR ?= $(HOME)/.cache/kubeforge/pip
 
 .PHONY: setup cluster-binaries generate verify lint test test-unit test-integration demo bench clean
 
@@ -40,11 +45,11 @@ test-unit: setup
 	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)
 
 test-integration: setup cluster-binaries
-	$(PY) -m pytest tests/integration tests/e2e -q $(PYTEST_ARGS)
+	$(PY) -m pytest tests/integration tests/e2e -q $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 # The README's test command: unit, integration (real API server + etcd + S3 server) and end-to-end tests.
 test: setup cluster-binaries
-	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 # The README's main job: a dev cluster (unless KUBECONFIG is set) with the operator, a tiny PretrainJob
 # trained to completion on CPU, then served through an InferenceDeployment.

@@ -1,5 +1,15 @@
-"""PretrainJob gated by Kueue: Kueue's real CRDs are installed and this test plays Kueue's part
-(admit, evict, re-admit) by writing Workload status exactly as Kueue's controllers do."""
+"""PretrainJob gated by the real Kueue controller (v0.17.0) in the dev cluster.
+
+One ClusterQueue with room for exactly one gang (2 pods x 1 CPU), preemption of lower priorities within it,
+and Kueue's waitForPodsReady on (see kubeforge.devcluster.kueue). The scenario shows, with Kueue deciding:
+- admission only when quota fits (a second job waits with no pod),
+- the admitted job reports PodsReady on its Workload (what waitForPodsReady waits for),
+- a suspended job gives its quota back (the waiting job is admitted),
+- a higher-priority job (WorkloadPriorityClass, named by the `kueue.x-k8s.io/priority-class` label and
+  queued by the `kueue.x-k8s.io/queue-name` label) preempts the running one: eviction -> checkpoint ->
+  re-admission once the quota is free -> resume from that checkpoint -> Succeeded,
+- a PriorityClass makes a valid Workload (Kueue refuses priorityClassRef without its value).
+"""
 
 from __future__ import annotations
 
@@ -8,126 +18,162 @@ from typing import Any
 
 import pytest
 
-from kubeforge.controller.conditions import rfc3339
 from kubeforge.controller.kube import Resource
-from kubeforge.controller.reconciler import utcnow
-from kubeforge.devcluster.cluster import install_crd_files
 from kubeforge.devcluster.testing import ClusterHandle
 
 from .conftest import REPO, Jobs, Operator, example, wait
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("dev_cluster_only")]
-KUEUE_CRDS = REPO / "tests" / "e2e" / "kueue-crds"  # vendored, see its README
 KIND = "PretrainJob"
 FLAVOR = "cpu-flavor"
+V = "v1beta2"
+
+
+def kres(plural: str, namespaced: bool = True) -> Resource:
+    return Resource("kueue.x-k8s.io", V, plural, namespaced=namespaced)
+
+
+def create(cluster: ClusterHandle, obj: dict[str, Any]) -> None:
+    """Create a Kueue object or a PriorityClass (409 is fine: the module fixture may run once per session)."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    api = cluster.api_client()
+    group, version = obj["apiVersion"].split("/")
+    plural = obj["kind"].lower() + ("es" if obj["kind"].endswith("s") else "s")
+    ns = obj["metadata"].get("namespace")
+    co = client.CustomObjectsApi(api)
+    try:
+        if ns:
+            co.create_namespaced_custom_object(group, version, ns, plural, obj)
+        else:
+            co.create_cluster_custom_object(group, version, plural, obj)
+    except ApiException as e:
+        if e.status != 409:
+            raise
 
 
 @pytest.fixture(scope="module")
-def kueue_crds(cluster: ClusterHandle) -> str:
-    install_crd_files(cluster.api_client(), sorted(KUEUE_CRDS.glob("*.yaml")))
+def kueue(cluster: ClusterHandle) -> str:
+    """Kueue running in the session's dev cluster, a flavor and a ClusterQueue with room for one gang."""
+    assert cluster.dev is not None
+    cluster.dev.up(nodes=2, gpus_per_node=2, with_kueue=True)
     kube = Jobs(cluster, "default").kube
-    wait(lambda: kube.served("kueue.x-k8s.io", "v1beta2"), 60, "Kueue's API to be served")
-    flavor = {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": FLAVOR},
-              "spec": {"nodeLabels": {"kubernetes.io/os": "linux"},
-                       "tolerations": [{"key": "kubeforge.dev/training", "operator": "Exists",
-                                        "effect": "NoSchedule"}]}}
-    wait(lambda: kube.create(flavor) or kube.get(Resource("kueue.x-k8s.io", "v1beta2", "resourceflavors",
-                                                          namespaced=False), None, FLAVOR), 30, "the flavor")
-    return "v1beta2"
+    create(cluster, {"apiVersion": f"kueue.x-k8s.io/{V}", "kind": "ResourceFlavor", "metadata": {"name": FLAVOR},
+                 "spec": {"nodeLabels": {"kubernetes.io/os": "linux"},
+                          "tolerations": [{"key": "kubeforge.dev/training", "operator": "Exists",
+                                           "effect": "NoSchedule"}]}})
+    create(cluster, {"apiVersion": f"kueue.x-k8s.io/{V}", "kind": "ClusterQueue", "metadata": {"name": "team-cq"},
+                 "spec": {"namespaceSelector": {},
+                          "preemption": {"withinClusterQueue": "LowerPriority"},
+                          "resourceGroups": [{"coveredResources": ["cpu", "memory"], "flavors": [{
+                              "name": FLAVOR, "resources": [{"name": "cpu", "nominalQuota": "2"},
+                                                            {"name": "memory", "nominalQuota": "8Gi"}]}]}]}})
+    create(cluster, {"apiVersion": f"kueue.x-k8s.io/{V}", "kind": "WorkloadPriorityClass",
+                 "metadata": {"name": "urgent"}, "value": 1000, "description": "preempts batch work"})
+    create(cluster, {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": "kf-batch"},
+                 "value": 10, "description": "batch training"})
+    wait(lambda: next((c for c in (kube.get(kres("clusterqueues", False), None, "team-cq") or {}).get(
+        "status", {}).get("conditions", []) if c["type"] == "Active" and c["status"] == "True"), None),
+        60, "the ClusterQueue to be active")
+    return "team-cq"
 
 
-class FakeKueue:
-    """Kueue's admission and eviction, written to the Workload's status subresource."""
-
-    def __init__(self, jobs: Jobs, version: str) -> None:
-        self.jobs = jobs
-        self.res = Resource("kueue.x-k8s.io", version, "workloads")
-
-    def workload(self, name: str) -> dict[str, Any] | None:
-        return self.jobs.kube.get(self.res, self.jobs.ns, name)
-
-    def _conditions(self, wl: dict[str, Any], **statuses: tuple[str, str]) -> list[dict[str, Any]]:
-        now = rfc3339(utcnow())
-        conds = {c["type"]: c for c in (wl.get("status") or {}).get("conditions") or []}
-        for type_, (status, reason) in statuses.items():
-            conds[type_] = {"type": type_, "status": status, "reason": reason, "message": f"{type_} by the test",
-                            "lastTransitionTime": now}
-        return list(conds.values())
-
-    def admit(self, name: str, count: int) -> None:
-        wl = self.workload(name)
-        assert wl is not None
-        status = {
-            "admission": {"clusterQueue": "team-cq", "podSetAssignments": [
-                {"name": "worker", "count": count, "flavors": {"cpu": FLAVOR, "memory": FLAVOR}}]},
-            "conditions": self._conditions(wl, QuotaReserved=("True", "QuotaReserved"), Admitted=("True", "Admitted"),
-                                           Evicted=("False", "Admitted")),
-        }
-        self.jobs.kube.merge_patch(self.res, self.jobs.ns, name, {"status": status}, subresource="status")
-
-    def evict(self, name: str) -> None:
-        wl = self.workload(name)
-        assert wl is not None
-        status = {"conditions": self._conditions(wl, Evicted=("True", "Preempted"))}
-        self.jobs.kube.merge_patch(self.res, self.jobs.ns, name, {"status": status}, subresource="status")
+def job(jobs: Jobs, name: str, steps: int, interval: int, **labels: str) -> dict[str, Any]:
+    obj = copy.deepcopy(example("pretrain-tiny.yaml"))
+    obj["metadata"] = {"name": name, "labels": labels}
+    obj["spec"]["training"]["totalSteps"] = steps
+    obj["spec"]["checkpoint"].update(uri=f"s3://kubeforge/checkpoints/{jobs.ns}/{name}", intervalSteps=interval)
+    obj["spec"]["runPolicy"]["progressDeadlineSeconds"] = 3600  # queueing and a loaded machine are no hang
+    return obj
 
 
-def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
-    return next((c for c in ((obj or {}).get("status") or {}).get("conditions") or [] if c["type"] == type_), {})
+def workload(jobs: Jobs, name: str) -> dict[str, Any]:
+    return jobs.kube.get(kres("workloads"), jobs.ns, f"{name}-workload") or {}
 
 
-def test_kueue_admits_evicts_and_readmits_the_gang(operator: Operator, jobs: Jobs, cluster: ClusterHandle,
-                                                   kueue_crds: str):
+def wl_condition(wl: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in (wl.get("status") or {}).get("conditions") or [] if c["type"] == type_), {})
+
+
+def step(jobs: Jobs, name: str) -> int:
+    return int((jobs.status(KIND, name).get("progress") or {}).get("step") or 0)
+
+
+def test_real_kueue_quota_suspend_preemption_and_resume(operator: Operator, jobs: Jobs, cluster: ClusterHandle,
+                                                        kueue: str):
     cluster.s3_client().upload_file(str(REPO / "examples/data/tiny-corpus.jsonl"), "kubeforge",
                                     "data/tiny-corpus.jsonl")
-    obj = copy.deepcopy(example("pretrain-tiny.yaml"))
-    obj["metadata"]["name"] = "queued"
-    obj["spec"]["training"]["totalSteps"] = 200
-    obj["spec"]["checkpoint"].update(uri=f"s3://kubeforge/checkpoints/{jobs.ns}/queued", intervalSteps=100)
-    obj["spec"]["scheduling"] = {"queueName": "team-a", "priority": 10}
-    jobs.create(obj)
-    kueue = FakeKueue(jobs, kueue_crds)
+    create(cluster, {"apiVersion": f"kueue.x-k8s.io/{V}", "kind": "LocalQueue",
+                      "metadata": {"name": "team-a", "namespace": jobs.ns}, "spec": {"clusterQueue": kueue}})
 
-    wl = wait(lambda: kueue.workload("queued-workload"), 60, "the Workload")
-    assert wl["spec"]["queueName"] == "team-a" and wl["spec"]["podSets"][0]["count"] == 2
-    assert wl["metadata"]["ownerReferences"][0]["name"] == "queued"
-    jobs.wait_phase(KIND, "queued", {"Queued"}, timeout=30)
-    assert jobs.pods("queued") == [], "no pod may exist before Kueue admits the Workload"
-
-    kueue.admit("queued-workload", 2)
-    pods = wait(lambda: len(jobs.pods("queued")) == 2 and jobs.pods("queued"), 60, "the admitted gang")
+    # --- admission only when quota fits; the admitted gang reports PodsReady
+    first = job(jobs, "first", 400, 20)
+    first["spec"]["scheduling"] = {"queueName": "team-a"}
+    first["spec"]["resources"]["priorityClassName"] = "kf-batch"
+    jobs.create(first)
+    wait(lambda: len(jobs.pods("first")) == 2, 120, "Kueue to admit the first job and its gang")
+    wl = workload(jobs, "first")
+    assert wl["spec"]["priority"] == 10 and wl["spec"]["priorityClassRef"]["name"] == "kf-batch"
+    pods = jobs.pods("first")
     for p in pods:
         assert p["spec"]["nodeSelector"]["kubernetes.io/os"] == "linux"
-        assert {"key": "kubeforge.dev/training", "operator": "Exists", "effect": "NoSchedule"} in p["spec"]["tolerations"]
-    wait(lambda: (jobs.status(KIND, "queued").get("progress") or {}).get("step", 0) >= 10, 150, "training")
-    assert condition(jobs.get(KIND, "queued"), "Admitted")["status"] == "True"
+    wait(lambda: wl_condition(workload(jobs, "first"), "PodsReady").get("status") == "True", 120,
+         "PodsReady on the first job's Workload")
 
-    kueue.evict("queued-workload")
-    st = jobs.wait_phase(KIND, "queued", {"Queued"}, timeout=60)
-    wait(lambda: not jobs.pods("queued"), 90, "the evicted gang to stop")
-    wait(lambda: not (kueue.workload("queued-workload").get("status") or {}).get("admission"), 60,
-         "the operator to give the quota back")
-    st = jobs.status(KIND, "queued")
-    assert st["restarts"] == 0 and st["preemptions"] == 1
+    second = job(jobs, "second", 120, 20, **{"kueue.x-k8s.io/queue-name": "team-a"})
+    jobs.create(second)
+    wait(lambda: workload(jobs, "second").get("spec"), 60, "the second job's Workload")
+    jobs.wait_phase(KIND, "second", {"Queued"}, timeout=60)
+    wait(lambda: "couldn't assign flavors" in wl_condition(workload(jobs, "second"), "QuotaReserved").get(
+        "message", "") or "insufficient" in wl_condition(workload(jobs, "second"), "QuotaReserved").get(
+        "message", "").lower(), 60, "Kueue to say the second job does not fit")
+    assert jobs.pods("second") == [], "no pod may exist before Kueue admits the Workload"
+
+    # --- a suspended job gives its quota back, so the waiting one is admitted
+    wait(lambda: step(jobs, "first") >= 5, 300, "the first job to train")
+    jobs.patch_spec(KIND, "first", {"runPolicy": {"suspend": True}})
+    jobs.wait_phase(KIND, "first", {"Suspended"}, timeout=120)
+    wait(lambda: not jobs.pods("first"), 120, "the suspended gang to stop")
+    wait(lambda: not (workload(jobs, "first").get("status") or {}).get("admission"), 60,
+         "the suspended job's quota to be released")
+    wait(lambda: len(jobs.pods("second")) == 2, 120, "Kueue to admit the second job in the freed quota")
+    assert workload(jobs, "first")["spec"]["active"] is False
+
+    # --- a higher-priority job preempts the second: eviction -> checkpoint -> re-admission -> resume
+    wait(lambda: step(jobs, "second") >= 25, 300, "the second job to pass its first checkpoint")
+    urgent = job(jobs, "urgent", 20, 10, **{"kueue.x-k8s.io/queue-name": "team-a",
+                                             "kueue.x-k8s.io/priority-class": "urgent"})
+    jobs.create(urgent)
+    wl = wait(lambda: workload(jobs, "urgent").get("spec"), 60, "the urgent Workload")
+    assert wl["priority"] == 1000 and wl["priorityClassRef"]["kind"] == "WorkloadPriorityClass"
+    wait(lambda: wl_condition(workload(jobs, "second"), "Evicted").get("reason") == "Preempted"
+         or jobs.status(KIND, "second").get("preemptions", 0) >= 1, 120, "Kueue to preempt the second job")
+    wait(lambda: not jobs.pods("second"), 120, "the preempted gang to stop")
+    st = jobs.status(KIND, "second")
+    assert st["restarts"] == 0 and st["preemptions"] >= 1, st
     saved = st["lastCheckpoint"]["step"]
-    assert saved >= 10, "the gang must checkpoint when it is evicted"
-    assert condition(kueue.workload("queued-workload"), "QuotaReserved")["status"] == "False"
+    assert saved >= 20, "the preempted gang must checkpoint before it stops"
+    done = jobs.wait_phase(KIND, "urgent", {"Succeeded", "Failed"}, timeout=300)
+    assert done["phase"] == "Succeeded", done
+    wait(lambda: wl_condition(workload(jobs, "urgent"), "Finished").get("status") == "True", 60,
+         "Finished on the urgent Workload")
 
-    kueue.admit("queued-workload", 2)
-    first = wait(lambda: (lambda s: s.get("phase") == "Running" and (s.get("progress") or {}).get("step", 0) > saved
-                          and s["progress"])(jobs.status(KIND, "queued")), 150, "progress after re-admission")
-    assert first["step"] > saved
-    st = jobs.wait_phase(KIND, "queued", {"Succeeded", "Failed"}, timeout=240)
-    assert st["phase"] == "Succeeded" and st["attempt"] == 1 and st["restarts"] == 0
-    finished = wait(lambda: condition(kueue.workload("queued-workload"), "Finished"), 30, "Finished on the Workload")
-    assert finished["status"] == "True" and finished["reason"] == "Succeeded"
+    # the quota is free again: the second job is re-admitted and resumes from its checkpoint
+    resumed = wait(lambda: (lambda s: s.get("phase") == "Running" and (s.get("progress") or {}).get("step", 0) > saved
+                            and s)(jobs.status(KIND, "second")), 300, "the second job to resume")
+    assert resumed["progress"]["step"] > saved
+    end = jobs.wait_phase(KIND, "second", {"Succeeded", "Failed"}, timeout=400)
+    assert end["phase"] == "Succeeded" and end["restarts"] == 0, end
+    assert "Preempted" in jobs.event_reasons("second") or "Evicted" in jobs.event_reasons("second")
+
+    # the suspended first job is still waiting, holding nothing
+    assert jobs.status(KIND, "first")["phase"] == "Suspended" and jobs.pods("first") == []
 
 
-def test_workload_version_follows_what_the_cluster_serves(kueue_crds: str, cluster: ClusterHandle):
-    from kubeforge.controller import kueue
+def test_workload_version_follows_what_the_cluster_serves(kueue: str, cluster: ClusterHandle):
+    from kubeforge.controller import kueue as kq
 
     kube = Jobs(cluster, "default").kube
-    served = [v for v in kueue.VERSIONS if kube.served(kueue.GROUP, v)]
+    served = [v for v in kq.VERSIONS if kube.served(kq.GROUP, v)]
     assert served[0] == "v1beta2" and "v1beta1" in served
-
-

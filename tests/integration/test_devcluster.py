@@ -8,6 +8,7 @@ Runs against $KUBECONFIG when set, else against a dev cluster the `cluster` fixt
 from __future__ import annotations
 
 import json
+import re
 import sys
 import textwrap
 import time
@@ -128,7 +129,7 @@ def test_pod_succeeds_and_logs(cluster: ClusterHandle, namespace: str) -> None:
     st = pod.status.container_statuses[0]
     assert st.state.terminated.exit_code == 0
     assert st.state.terminated.reason == "Completed"
-    assert pod.status.pod_ip.startswith("127.0.")
+    assert re.match(r"127\.\d+\.1\d\.\d+$", pod.status.pod_ip), pod.status.pod_ip  # 127.<slot>.<10+node>.n
     assert pod.spec.node_name.startswith("kubeforge-node-")
     conds = {c.type: c.status for c in pod.status.conditions}
     assert conds["PodScheduled"] == "True" and conds["Initialized"] == "True" and conds["Ready"] == "False"
@@ -230,7 +231,7 @@ def test_env_volumes_and_downward_api(cluster: ClusterHandle, namespace: str) ->
         assert os.environ['MODE'] == 'fast'
         assert os.environ['CFG_MODE'] == 'fast'
         assert os.environ['AWS_ENDPOINT_URL'].startswith('http')
-        assert os.environ['POD_IP'].startswith('127.0.'), os.environ['POD_IP']
+        assert os.environ['POD_IP'].startswith('127.'), os.environ['POD_IP']
         assert os.environ['ROLE'] == 'worker'
         assert os.environ['WHO'] == 'env-' + os.environ['POD_NAME']
         assert os.environ['CPU_M'] == '500', os.environ['CPU_M']
@@ -635,3 +636,71 @@ def test_repo_crds_are_installed_and_established(cluster: ClusterHandle) -> None
     for name in names:
         conds = {c.type: c.status for c in ext.read_custom_resource_definition(name).status.conditions}
         assert conds.get("Established") == "True", name
+
+
+# ---------------------------------------------------------------------------------------------- kubectl logs
+
+
+def test_kubectl_logs_current_previous_container_tail_and_follow(cluster: ClusterHandle, namespace: str) -> None:
+    """`kubectl logs` through the API server to the node agent's kubelet API: the current instance, -p for the
+    one before a restart, -c for a container, --tail, and -f until the container exits."""
+    import subprocess
+
+    from kubeforge.devcluster import assets
+
+    kubectl = assets.find_binaries().get("kubectl")
+    if kubectl is None or cluster.state_dir is None:
+        pytest.skip("needs the dev cluster and its kubectl")
+    core = _core(cluster)
+    code = textwrap.dedent("""
+        import os, sys, time
+        marker = '/data/ran'
+        first = not os.path.exists(marker)
+        open(marker, 'a').write('x')
+        print('instance', 'first' if first else 'second', flush=True)
+        for i in range(3):
+            print('line', i, flush=True)
+        if first:
+            sys.exit(1)
+        while not os.path.exists('/data/go'):
+            time.sleep(0.1)
+        for i in range(3):
+            print('follow', i, flush=True)
+    """)
+    pod = _pod("talker", code, restartPolicy="OnFailure",
+               container={"volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+               volumes=[{"name": "data", "emptyDir": {}}])
+    pod["spec"]["containers"].append({"name": "side", "image": "python:3.11",
+                                      "command": ["python", "-c", "print('from the sidecar', flush=True)"]})
+    core.create_namespaced_pod(namespace, pod)
+
+    def kc(*args: str, timeout: float = 60) -> str:
+        r = subprocess.run([str(kubectl), f"--kubeconfig={cluster.kubeconfig}", "-n", namespace, "logs", *args],
+                           capture_output=True, text=True, timeout=timeout)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    wait_for(lambda: any(s.restart_count >= 1 and s.state.running for s in
+                         core.read_namespaced_pod("talker", namespace).status.container_statuses or []
+                         if s.name == "main"), 60, what="the main container to restart once")
+    wait_for(lambda: "line 2" in kc("talker", "-c", "main"), 30, what="the second instance's output")
+    current = kc("talker", "-c", "main")
+    assert current.startswith("instance second") and "instance first" not in current
+    previous = kc("talker", "-c", "main", "--previous")
+    assert previous == "instance first\nline 0\nline 1\nline 2\n"
+    assert kc("talker", "-c", "main", "--tail=1") == "line 2\n"
+    assert kc("talker", "-c", "side").strip() == "from the sidecar"
+
+    follow = subprocess.Popen([str(kubectl), f"--kubeconfig={cluster.kubeconfig}", "-n", namespace, "logs", "-f",
+                               "talker", "-c", "main"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert follow.stdout is not None
+        assert follow.stdout.readline() == "instance second\n"  # streaming before the container goes on
+        # Let the container go on: the emptyDir is a directory under the pod's state dir on this machine.
+        data = next((cluster.state_dir / "pods" / f"{namespace}_talker").rglob("ran")).parent
+        (data / "go").write_text("")
+        out, err = follow.communicate(timeout=60)
+    finally:
+        follow.kill()
+    assert out.endswith("follow 0\nfollow 1\nfollow 2\n"), (out, err)
+    assert follow.returncode == 0, err

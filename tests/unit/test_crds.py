@@ -95,8 +95,14 @@ def test_cel_rules_sit_where_they_apply():
     infd = by_kind["InferenceDeployment"]["properties"]["spec"]
     assert any("NixlConnector" in r["rule"] for r in infd["x-kubernetes-validations"])
     auto = infd["properties"]["decode"]["properties"]["autoscaling"]
-    assert auto["x-kubernetes-validations"] == [
-        {"rule": "self.minReplicas <= self.maxReplicas", "message": "minReplicas must be <= maxReplicas"}]
+    assert {"rule": "self.minReplicas <= self.maxReplicas", "message": "must be <= maxReplicas",
+            "messageExpression": "'must be <= maxReplicas (%d)'.format([self.maxReplicas])",
+            "fieldPath": ".minReplicas"} in auto["x-kubernetes-validations"]
+    # A rule that reads metadata.name or the stored status sits on the whole object and names its field.
+    root_rules = by_kind["PretrainJob"]["x-kubernetes-validations"]
+    assert {r["fieldPath"] for r in root_rules} == {
+        ".spec.model.from.name", ".spec.resources.numNodes", ".spec.resources.processesPerNode"}
+    assert all("oldSelf.status.phase" in r["rule"] for r in root_rules if "resources" in r["fieldPath"])
     model = by_kind["PretrainJob"]["properties"]["spec"]["properties"]["model"]
     immutable = [r for r in model["x-kubernetes-validations"] if r["message"] == "is immutable"]
     assert len(immutable) == 1 and "oldSelf.uri" in immutable[0]["rule"]

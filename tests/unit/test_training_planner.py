@@ -336,7 +336,7 @@ def workload(admitted: bool = False, evicted: bool = False, admission: bool = Tr
         status["admission"] = {"clusterQueue": "cq", "podSetAssignments": [
             {"name": "worker", "count": 2, "flavors": {"nvidia.com/gpu": "a100", "cpu": "a100"}}]}
     return {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload",
-            "metadata": {"name": "ptj-workload", "namespace": "ns1", "generation": 1},
+            "metadata": {"name": "ptj-workload", "namespace": "ns1", "generation": 1, "resourceVersion": "41"},
             "spec": {"active": True}, "status": status}
 
 
@@ -393,3 +393,97 @@ def test_kueue_suspend_deactivates_the_workload():
     obj = with_(kjob(running_status()), "spec.runPolicy", {"suspend": True})
     p = plan(ctx(obj), Observed(pods=gang(), workload=workload(admitted=True)), T0)
     assert p.workload["spec"]["active"] is False and p.status.phase == "Suspended"
+
+
+def ready_gang(attempt: int = 0) -> list[dict]:
+    out = gang("Running", attempt)
+    for p in out:
+        p["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+    return out
+
+
+def test_kueue_pods_ready_reported_once_the_whole_gang_is_ready():
+    """waitForPodsReady: Kueue evicts a Workload whose PodsReady condition does not turn True in time."""
+    starting = plan(ctx(kjob(running_status())), Observed(pods=gang(), workload=workload(admitted=True)), T0)
+    patch = starting.workload_status_patch
+    pr = {c["type"]: c for c in patch["status"]["conditions"]}["PodsReady"]
+    assert (pr["status"], pr["reason"]) == ("False", "WaitForStart")
+    # a stale read must not overwrite what Kueue wrote since: the patch is guarded by the resourceVersion
+    assert patch["metadata"]["resourceVersion"] == "41"
+    ready = plan(ctx(kjob(running_status())), Observed(pods=ready_gang(), workload=workload(admitted=True)), T0)
+    pr = {c["type"]: c for c in ready.workload_status_patch["status"]["conditions"]}["PodsReady"]
+    assert (pr["status"], pr["reason"]) == ("True", "PodsReady")
+    wl = workload(admitted=True)
+    wl["status"]["conditions"].append(pr)
+    again = plan(ctx(kjob(running_status())), Observed(pods=ready_gang(), workload=wl), T0)
+    assert again.workload_status_patch is None  # nothing to say twice
+
+
+def test_kueue_suspend_gives_the_quota_back_once_the_pods_are_gone():
+    obj = with_(kjob(running_status()), "spec.runPolicy", {"suspend": True})
+    stopping = plan(ctx(obj), Observed(pods=gang(), workload=workload(admitted=True)), T0)
+    assert stopping.workload_status_patch is None  # pods still hold the resources
+    stopped = plan(ctx(with_(obj, "status", stopping.status.to_wire())),
+                   Observed(workload=workload(admitted=True)), T0)
+    patch = stopped.workload_status_patch["status"]
+    assert patch["admission"] is None and stopped.status.phase == "Suspended"
+    assert {c["type"]: c["status"] for c in patch["conditions"]}["QuotaReserved"] == "False"
+
+
+@pytest.mark.parametrize(("version", "priority", "want"), [
+    ("v1beta2", kueue.WorkloadPriority(1000, "WorkloadPriorityClass", "high"),
+     {"priority": 1000, "priorityClassRef": {"group": "kueue.x-k8s.io", "kind": "WorkloadPriorityClass",
+                                              "name": "high"}}),
+    ("v1beta2", kueue.WorkloadPriority(50, "PriorityClass", "batch"),
+     {"priority": 50, "priorityClassRef": {"group": "scheduling.k8s.io", "kind": "PriorityClass", "name": "batch"}}),
+    ("v1beta1", kueue.WorkloadPriority(1000, "WorkloadPriorityClass", "high"),
+     {"priority": 1000, "priorityClassName": "high", "priorityClassSource": "kueue.x-k8s.io/workloadpriorityclass"}),
+    ("v1beta2", kueue.WorkloadPriority(7), {"priority": 7}),
+])
+def test_workload_priority_always_carries_its_value(version, priority, want):
+    """Kueue's own rule: priorityClassRef without priority is refused, so the value always comes with it."""
+    wl = kueue.desired_workload(job(), version, "q", [], priority, True)
+    got = {k: v for k, v in wl["spec"].items() if k.startswith("priority")}
+    assert got == want
+
+
+def test_kueue_queue_from_spec_label_or_namespace_default():
+    obj = job()
+    assert kueue.queue_name_for(obj, "team-a", None, True) == "team-a"
+    obj["metadata"]["labels"] = {kueue.QUEUE_LABEL: "from-label"}
+    assert kueue.queue_name_for(obj, None, None, True) == "from-label"
+    obj["metadata"]["labels"] = {}
+    assert kueue.queue_name_for(obj, None, None, True) == "default"
+    assert kueue.queue_name_for(obj, None, None, False) is None
+    assert kueue.queue_name_for(obj, None, "volcano", True) is None  # another gang backend was chosen
+
+
+def test_kueue_label_queue_gates_pods_like_spec_queue():
+    obj = job()
+    obj["metadata"]["labels"] = {kueue.QUEUE_LABEL: "team-b"}
+    c = ctx(obj)
+    c.queue_name = "team-b"
+    p = plan(c, Observed(), T0)
+    assert p.workload["spec"]["queueName"] == "team-b" and not [m for m in p.create if m["kind"] == "Pod"]
+
+
+def test_kueue_admission_check_pod_set_updates_reach_the_pods():
+    wl = workload(admitted=True)
+    wl["status"]["admissionChecks"] = [{"name": "prov", "state": "Ready", "podSetUpdates": [
+        {"name": "worker", "labels": {"team": "a"}, "annotations": {"prov/req": "r1"},
+         "nodeSelector": {"pool": "reserved"},
+         "tolerations": [{"key": "reserved", "operator": "Exists", "effect": "NoSchedule"}]}]}]
+    p = plan(ctx(kjob()), Observed(workload=wl, flavors=FLAVOR), T0)
+    pods = [m for m in p.create if m["kind"] == "Pod"]
+    assert len(pods) == 2
+    for m in pods:
+        assert m["spec"]["nodeSelector"] == {"gpu": "a100", "pool": "reserved"}
+        assert {"key": "reserved", "operator": "Exists", "effect": "NoSchedule"} in m["spec"]["tolerations"]
+        assert m["metadata"]["labels"]["team"] == "a" and m["metadata"]["annotations"]["prov/req"] == "r1"
+
+
+def test_a_missing_priority_class_holds_the_job_with_a_reason():
+    c = ctx(kjob())
+    c.priority_error = "WorkloadPriorityClass 'urgent' does not exist; create it, or name another one"
+    p = plan(c, Observed(), T0)
+    assert p.workload is None and p.status.phase == "Pending" and "urgent" in p.status.message

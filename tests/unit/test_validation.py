@@ -76,6 +76,8 @@ INVALID: list[tuple[str, dict, dict | None, list[str]]] = [
      ["spec.training.globalBatchSize: must be a multiple of microBatchSize x numNodes x processesPerNode (4)"]),
     ("seq longer than positions", with_(PTJ, "spec.training.seqLen", 4096), None,
      ["spec.training.seqLen: exceeds model.config.max_position_embeddings (512)"]),
+    ("seq longer than float positions", with_(PTJ, "spec.model.config.max_position_embeddings", 32.0), None,
+     ["spec.training.seqLen: exceeds model.config.max_position_embeddings (32)"]),
     ("unknown strategy", with_(PTJ, "spec.parallelism", {"strategy": "zero3"}), None,
      ["spec.parallelism.strategy: must be one of 'ddp' or 'fsdp' (got 'zero3')"]),
     ("lr zero", with_(PTJ, "spec.optimizer", {"lr": 0}), None, ["spec.optimizer.lr: must be > 0 (got 0)"]),
@@ -218,6 +220,19 @@ VALID = [
     ("pretrain suspend while running", with_(PTJ, "spec.runPolicy", {"suspend": True}), RUNNING_PTJ),
     ("pretrain nodes changed when pending", with_(with_(PTJ, "spec.resources.numNodes", 4),
                                                   "spec.training.globalBatchSize", 8), PTJ),
+    # JSON numbers as other tools write them: a float in the free-form config, integer quantities.
+    ("pretrain float positions", with_(PTJ, "spec.model.config.max_position_embeddings", 512.0), None),
+    ("pretrain integer quantities", with_(PTJ, "spec.resources.requests", {"cpu": 2, "nvidia.com/gpu": 1}), None),
+    ("rl vllm disaggregated", with_(with_(RLJ, "spec.rollout", {
+        "engine": "vllm", "placement": "disaggregated", "resources": {"limits": {"nvidia.com/gpu": 1}}}),
+        "spec.weightSync.method", "nccl"), None),
+    ("serve aggregated autoscaled", {**INFD, "spec": {
+        "model": INFD["spec"]["model"], "mode": "aggregated", "router": {"enabled": True},
+        "pool": {"replicas": 2, "requests": {"nvidia.com/gpu": 1}, "autoscaling": {"minReplicas": 1, "maxReplicas": 3}}}},
+     None),
+    ("serve reference disaggregated", with_(with_(with_(with_(INFD, "spec.engine", "reference"),
+                                                        "spec.kvTransfer", {"connector": "Reference"}),
+                                                  "spec.prefill", {"replicas": 1}), "spec.decode", {"replicas": 1}), None),
 ]
 
 

@@ -13,7 +13,10 @@ QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 S3Uri = Annotated[str, Field(pattern=S3_URI_PATTERN, max_length=1024)]
-Quantity = Annotated[int | str, Field(json_schema_extra={"x-kubernetes-int-or-string": True})]
+# The pattern reaches the CRD only (strings; integers pass it): validate() words its own message for it.
+Quantity = Annotated[
+    int | str, Field(json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN})
+]
 Name = Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)]
 
 JobKind = Literal["PretrainJob", "ContextExtensionJob", "RLJob"]
@@ -52,7 +55,18 @@ class ModelSource(ApiModel):
     from_: ObjectRef | None = Field(default=None, alias="from")
     """The finished output (status.output.uri) of another kubeforge object in this namespace."""
     config: dict[str, Any] | None = Field(
-        default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+        default=None,
+        json_schema_extra={
+            "x-kubernetes-preserve-unknown-fields": True,
+            # Declared so the CRD's CEL rules can read them (undeclared fields of a free-form object cannot be).
+            "properties": {
+                "model_type": {"type": "string", "description": "Hugging Face model type, e.g. llama."},
+                "max_position_embeddings": {
+                    "type": "number",
+                    "description": "Longest sequence the model's position embeddings cover.",
+                },
+            },
+        },
     )
     """A Hugging Face model config (e.g. a Llama config with model_type) to train from scratch."""
     tokenizer: TokenizerSource | None = None

@@ -103,20 +103,37 @@ def openapi_schema(model: Any) -> dict[str, Any]:
 def _node_at(spec_schema: dict[str, Any], path: str) -> dict[str, Any]:
     node = spec_schema
     for part in filter(None, path.split(".")):
-        node = node["properties"][part]
+        node = node["properties"][part.removesuffix("[]")]
+        if part.endswith("[]"):
+            node = node["items"]
     return node
 
 
-def _attach_rules(spec_schema: dict[str, Any], rules: tuple[CelRule, ...]) -> None:
+def _attach_rules(root: dict[str, Any], rules: tuple[CelRule, ...]) -> None:
     for rule in rules:
-        node = _node_at(spec_schema, rule.path)
-        node.setdefault("x-kubernetes-validations", []).append({"rule": rule.rule, "message": rule.message})
+        node = root if rule.path == "/" else _node_at(root["properties"]["spec"], rule.path)
+        entry = {"rule": rule.rule, "message": rule.message}
+        if rule.message_expression:
+            entry["messageExpression"] = rule.message_expression
+        if rule.field_path:
+            entry["fieldPath"] = rule.field_path
+        node.setdefault("x-kubernetes-validations", []).append(entry)
 
 
 def crd_for(kind: Kind) -> dict[str, Any]:
-    spec_schema = openapi_schema(kind.spec_model)
-    _attach_rules(spec_schema, kind.cel_rules)
-    status_schema = openapi_schema(kind.status_model)
+    root: dict[str, Any] = {
+        "type": "object",
+        "description": kind.description,
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": openapi_schema(kind.spec_model),
+            "status": openapi_schema(kind.status_model),
+        },
+    }
+    _attach_rules(root, kind.cel_rules)
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -142,20 +159,7 @@ def crd_for(kind: Kind) -> dict[str, Any]:
                     "storage": True,
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": [c.to_crd() for c in kind.columns],
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "description": kind.description,
-                            "required": ["spec"],
-                            "properties": {
-                                "apiVersion": {"type": "string"},
-                                "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
-                                "spec": spec_schema,
-                                "status": status_schema,
-                            },
-                        }
-                    },
+                    "schema": {"openAPIV3Schema": root},
                 }
             ],
         },

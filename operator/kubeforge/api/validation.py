@@ -201,8 +201,10 @@ def _check_pretrain(errors: Errors, spec: PretrainJobSpec) -> None:
         )
     cfg = spec.model.config or {}
     max_pos = cfg.get("max_position_embeddings")
-    if isinstance(max_pos, int) and tr.seq_len > max_pos:
-        errors.add("spec.training.seqLen", f"exceeds model.config.max_position_embeddings ({max_pos})")
+    # A JSON number, compared by value: 512.0 (as some tools write it) is 512.
+    if isinstance(max_pos, (int, float)) and not isinstance(max_pos, bool) and tr.seq_len > max_pos:
+        shown = int(max_pos) if float(max_pos).is_integer() else max_pos
+        errors.add("spec.training.seqLen", f"exceeds model.config.max_position_embeddings ({shown})")
 
 
 def _check_context_extension(errors: Errors, spec: ContextExtensionJobSpec) -> None:

@@ -22,10 +22,11 @@ COSCHEDULING_SCHEDULER = "scheduler-plugins-scheduler"
 COSCHEDULING_GROUP_LABEL = "scheduling.x-k8s.io/pod-group"
 
 
-def backend(scheduling: SchedulingSpec) -> Backend:
+def backend(scheduling: SchedulingSpec, queue_name: str | None = None) -> Backend:
+    """`queue_name`: the LocalQueue resolved from spec, label or namespace default (kueue.queue_name_for)."""
     if scheduling.gang is not None:
         return scheduling.gang
-    return "kueue" if scheduling.queue_name else "builtin"
+    return "kueue" if (queue_name or scheduling.queue_name) else "builtin"
 
 
 def pod_group(obj: dict[str, Any], backend_: Backend, min_member: int, scheduling: SchedulingSpec,

@@ -17,6 +17,38 @@ from .conditions import rfc3339
 GROUP = "kueue.x-k8s.io"
 VERSIONS = ("v1beta2", "v1beta1")  # newest first: use the first the cluster serves
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PRIORITY_CLASS_LABEL = "kueue.x-k8s.io/priority-class"  # names a WorkloadPriorityClass, as on Kueue's own jobs
+DEFAULT_LOCAL_QUEUE = "default"  # Kueue's LocalQueue defaulting: jobs without a queue go to this one if it exists
+
+
+def queue_name_for(obj: dict[str, Any], queue_name: str | None, gang: str | None,
+                   default_queue_exists: bool) -> str | None:
+    """The LocalQueue a job goes to: spec.scheduling.queueName, else the `kueue.x-k8s.io/queue-name` label,
+    else the namespace's LocalQueue `default` when it has one (and no other gang backend was chosen)."""
+    if queue_name:
+        return queue_name
+    label = (obj["metadata"].get("labels") or {}).get(QUEUE_LABEL)
+    if label:
+        return label
+    if gang in (None, "kueue") and default_queue_exists:
+        return DEFAULT_LOCAL_QUEUE
+    return None
+
+
+@dataclass(frozen=True)
+class WorkloadPriority:
+    """The Workload's priority: a value, and the class it came from (Kueue's CEL rule wants both together)."""
+
+    value: int | None
+    kind: str | None = None  # "WorkloadPriorityClass" or "PriorityClass"
+    name: str | None = None
+
+
+def priority_class_ref(p: WorkloadPriority) -> dict[str, str] | None:
+    if not p.kind or not p.name:
+        return None
+    group = GROUP if p.kind == "WorkloadPriorityClass" else "scheduling.k8s.io"
+    return {"group": group, "kind": p.kind, "name": p.name}
 
 
 @dataclass(frozen=True)
@@ -42,7 +74,7 @@ def workload_name(obj: dict[str, Any]) -> str:
 
 
 def desired_workload(obj: dict[str, Any], version: str, queue_name: str, pod_sets: list[PodSet],
-                     priority: int | None, priority_class: str | None, active: bool) -> dict[str, Any]:
+                     priority: WorkloadPriority | None, active: bool) -> dict[str, Any]:
     meta = metadata(obj, workload_name(obj))
     meta["labels"][QUEUE_LABEL] = queue_name
     spec: dict[str, Any] = {
@@ -50,14 +82,16 @@ def desired_workload(obj: dict[str, Any], version: str, queue_name: str, pod_set
         "active": active,
         "podSets": [{"name": ps.name, "count": ps.count, "template": ps.template} for ps in pod_sets],
     }
-    if priority is not None:
-        spec["priority"] = priority
-    if priority_class:
-        if version == "v1beta1":
-            spec["priorityClassName"] = priority_class
-            spec["priorityClassSource"] = "scheduling.k8s.io/priorityclass"
-        else:
-            spec["priorityClassRef"] = {"group": "scheduling.k8s.io", "kind": "PriorityClass", "name": priority_class}
+    if priority is not None and priority.value is not None:
+        spec["priority"] = priority.value
+        if priority.kind and priority.name:
+            if version == "v1beta1":
+                spec["priorityClassName"] = priority.name
+                spec["priorityClassSource"] = ("kueue.x-k8s.io/workloadpriorityclass"
+                                               if priority.kind == "WorkloadPriorityClass"
+                                               else "scheduling.k8s.io/priorityclass")
+            else:
+                spec["priorityClassRef"] = priority_class_ref(priority)
     return {"apiVersion": f"{GROUP}/{version}", "kind": "Workload", "metadata": meta, "spec": spec}
 
 
@@ -99,17 +133,42 @@ def is_finished(workload: dict[str, Any] | None) -> bool:
     return workload is not None and _true(workload, "Finished")
 
 
-def pod_placement(adm: Admission, pod_set: str, flavors: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """nodeSelector and tolerations the assigned flavors of one podSet add to its pods."""
+def pod_set_updates(workload: dict[str, Any] | None, pod_set: str) -> list[dict[str, Any]]:
+    """What the admission checks ask of one podSet's pods (status.admissionChecks[].podSetUpdates)."""
+    out = []
+    for check in ((workload or {}).get("status") or {}).get("admissionChecks") or []:
+        out += [u for u in check.get("podSetUpdates") or [] if u.get("name") == pod_set]
+    return out
+
+
+def pod_placement(adm: Admission, pod_set: str, flavors: dict[str, dict[str, Any]],
+                  updates: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """nodeSelector and tolerations the assigned flavors of one podSet add to its pods, then the labels,
+    annotations, nodeSelector and tolerations its admission checks' podSetUpdates add (as Kueue's
+    jobframework applies them when it starts a job)."""
     node_selector: dict[str, str] = {}
     tolerations: list[dict[str, Any]] = []
+    labels: dict[str, str] = {}
+    annotations: dict[str, str] = {}
     for flavor_name in sorted(set((adm.flavors.get(pod_set) or {}).values())):
         spec = (flavors.get(flavor_name) or {}).get("spec") or {}
         node_selector.update(spec.get("nodeLabels") or {})
         for tol in spec.get("tolerations") or []:
             if tol not in tolerations:
                 tolerations.append(tol)
-    return {"nodeSelector": node_selector, "tolerations": tolerations}
+    for u in updates or []:
+        node_selector.update(u.get("nodeSelector") or {})
+        labels.update(u.get("labels") or {})
+        annotations.update(u.get("annotations") or {})
+        for tol in u.get("tolerations") or []:
+            if tol not in tolerations:
+                tolerations.append(tol)
+    out: dict[str, Any] = {"nodeSelector": node_selector, "tolerations": tolerations}
+    if labels:
+        out["labels"] = labels
+    if annotations:
+        out["annotations"] = annotations
+    return out
 
 
 def _set_condition(conditions: list[dict[str, Any]], type_: str, status: str, reason: str, message: str,
@@ -124,6 +183,13 @@ def _set_condition(conditions: list[dict[str, Any]], type_: str, status: str, re
     return out
 
 
+def _guarded(workload: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+    """A status merge patch that replaces the conditions list only if nobody wrote the Workload since it was
+    read: the resourceVersion makes a stale patch fail with 409 (retried on the next reconcile) instead of
+    dropping the conditions Kueue set in between."""
+    return {"metadata": {"resourceVersion": workload["metadata"]["resourceVersion"]}, "status": status}
+
+
 def release_quota_patch(workload: dict[str, Any], message: str, now: datetime) -> dict[str, Any]:
     """After an eviction the integration stops the pods, then gives the quota back (as Kueue's jobframework does):
     admission cleared, QuotaReserved/Admitted false, so Kueue can admit the Workload again later."""
@@ -132,11 +198,32 @@ def release_quota_patch(workload: dict[str, Any], message: str, now: datetime) -
     conds = _set_condition(conds, "QuotaReserved", "False", "Pending", message, now, gen)
     conds = _set_condition(conds, "Admitted", "False", "NoReservation", "The workload has no reservation", now, gen)
     conds = _set_condition(conds, "Requeued", "True", "Evicted", message, now, gen)
-    return {"status": {"admission": None, "conditions": conds}}
+    if _condition(workload, "PodsReady") is not None:
+        conds = _set_condition(conds, "PodsReady", "False", "PodsReady", "The workload has no reservation",
+                               now, gen)
+    return _guarded(workload, {"admission": None, "conditions": conds})
 
 
 def finished_patch(workload: dict[str, Any], succeeded: bool, message: str, now: datetime) -> dict[str, Any]:
     gen = workload["metadata"].get("generation")
     conds = list((workload.get("status") or {}).get("conditions") or [])
     reason = "Succeeded" if succeeded else "Failed"
-    return {"status": {"conditions": _set_condition(conds, "Finished", "True", reason, message, now, gen)}}
+    return _guarded(workload, {"conditions": _set_condition(conds, "Finished", "True", reason, message, now, gen)})
+
+
+def pods_ready_patch(workload: dict[str, Any], ready: bool, recovering: bool, now: datetime) -> dict[str, Any] | None:
+    """The PodsReady condition Kueue's waitForPodsReady waits for (None when it already says so): True once
+    every pod of the admitted gang is ready; False while they start (WaitForStart) or after a pod failed
+    (WaitForRecovery)."""
+    cur = _condition(workload, "PodsReady")
+    if ready:
+        status, reason, message = "True", "PodsReady", "All pods reached readiness and the workload is running"
+    elif recovering:
+        status, reason, message = "False", "WaitForRecovery", "At least one pod has failed, waiting for recovery"
+    else:
+        status, reason, message = "False", "WaitForStart", "Not all pods are ready or succeeded"
+    if cur is not None and cur.get("status") == status and cur.get("reason") == reason:
+        return None
+    gen = workload["metadata"].get("generation")
+    conds = list((workload.get("status") or {}).get("conditions") or [])
+    return _guarded(workload, {"conditions": _set_condition(conds, "PodsReady", status, reason, message, now, gen)})

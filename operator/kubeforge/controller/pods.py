@@ -44,6 +44,12 @@ def running(pod: dict[str, Any]) -> bool:
     return phase(pod) == "Running" and not deleting(pod)
 
 
+def ready(pod: dict[str, Any]) -> bool:
+    """The pod's Ready condition (all containers ready) is True."""
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or [])
+
+
 def terminated_state(pod: dict[str, Any]) -> dict[str, Any] | None:
     """The terminated state of the pod's main (first) container, if it has one."""
     statuses = (pod.get("status") or {}).get("containerStatuses") or []

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+from kubernetes.client.rest import ApiException
+
 from kubeforge.api.registry import BY_KIND
 from kubeforge.api.status import CheckpointRef, JobStatus, ServingStatus
 from kubeforge.api.validation import parse_spec, validate
@@ -193,7 +195,8 @@ class Reconciler:
         )
         observed = Observed(pods=self.kube.list(RESOURCES["Pod"], ns, selector(obj)), source=source)
         version = "v1beta2"
-        if spec.scheduling.queue_name or spec.scheduling.gang == "kueue":
+        queue, priority, priority_error = self.kueue_queue_and_priority(obj, spec)
+        if queue or spec.scheduling.gang == "kueue":
             version = next((v for v in kueue.VERSIONS if self.kube.served(kueue.GROUP, v)), "v1beta2")
             wl_res = Resource(kueue.GROUP, version, "workloads")
             observed.workload = self.kube.get(wl_res, ns, kueue.workload_name(obj))
@@ -203,19 +206,65 @@ class Reconciler:
                 if fl is not None:
                     observed.flavors[flavor] = fl
         ctx = JobContext(obj=obj, spec=spec, builder=builder, workload_version=version,
-                         backoff_cap_seconds=self.settings.gang_backoff_max_seconds)
+                         backoff_cap_seconds=self.settings.gang_backoff_max_seconds,
+                         queue_name=queue, priority=priority, priority_error=priority_error)
         result = plan(ctx, observed, self.clock())
         self.apply(obj, result, observed)
         return result.requeue_after
 
+    def kueue_queue_and_priority(self, obj: dict[str, Any], spec: Any
+                                 ) -> tuple[str | None, kueue.WorkloadPriority | None, str | None]:
+        """The job's LocalQueue (spec, label, or the namespace's `default` LocalQueue) and its priority."""
+        sched = spec.scheduling
+        ns = obj["metadata"]["namespace"]
+        labels = obj["metadata"].get("labels") or {}
+        default_exists = False
+        if not sched.queue_name and not labels.get(kueue.QUEUE_LABEL) and sched.gang in (None, "kueue") \
+                and self.kube.served(kueue.GROUP, "v1beta2"):
+            lq = Resource(kueue.GROUP, "v1beta2", "localqueues")
+            default_exists = self.kube.get(lq, ns, kueue.DEFAULT_LOCAL_QUEUE) is not None
+        queue = kueue.queue_name_for(obj, sched.queue_name, sched.gang, default_exists)
+        if not queue and sched.gang != "kueue":
+            return None, None, None
+        wpc = labels.get(kueue.PRIORITY_CLASS_LABEL)
+        pc = spec.resources.priority_class_name
+        if wpc:
+            res = Resource(kueue.GROUP, next((v for v in kueue.VERSIONS if self.kube.served(kueue.GROUP, v)),
+                                             "v1beta2"), "workloadpriorityclasses", namespaced=False)
+            cls, kind, name = self.kube.get(res, None, wpc), "WorkloadPriorityClass", wpc
+        elif pc:
+            res = Resource("scheduling.k8s.io", "v1", "priorityclasses", namespaced=False)
+            cls, kind, name = self.kube.get(res, None, pc), "PriorityClass", pc
+        else:
+            return queue, (kueue.WorkloadPriority(sched.priority) if sched.priority is not None else None), None
+        if cls is None:
+            return queue, None, f"{kind} {name!r} does not exist; create it, or name another one"
+        value = sched.priority if sched.priority is not None else int(cls.get("value", 0))
+        return queue, kueue.WorkloadPriority(value, kind, name), None
+
     def apply(self, obj: dict[str, Any], result: Plan, observed: Observed) -> None:
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         if result.workload is not None:
-            self.apply_workload(result.workload, observed.workload)
+            try:
+                self.apply_workload(result.workload, observed.workload)
+            except ApiException as e:
+                if e.status not in (400, 403, 422):
+                    raise
+                # The job's status must still say why nothing runs (e.g. Kueue's own rules refused it).
+                result.status.phase = "Pending"
+                result.status.message = f"the Kueue Workload was refused: {kube_error_message(e)}"
+                result.events.append(Event("Warning", "WorkloadRefused", result.status.message))
+                result.requeue_after = min(result.requeue_after or 60.0, 60.0)
         if result.workload_status_patch is not None and observed.workload is not None:
             res = Resource(kueue.GROUP, observed.workload["apiVersion"].split("/")[1], "workloads")
-            self.kube.merge_patch(res, ns, observed.workload["metadata"]["name"], result.workload_status_patch,
-                                  subresource="status")
+            try:
+                self.kube.merge_patch(res, ns, observed.workload["metadata"]["name"], result.workload_status_patch,
+                                      subresource="status")
+            except ApiException as e:
+                if e.status != 409:
+                    raise
+                # Kueue wrote the Workload since we read it: decide again from what it wrote.
+                result.requeue_after = min(result.requeue_after or 1.0, 1.0)
         for pod in result.delete_pods:
             self.kube.delete(RESOURCES["Pod"], ns, pod)
         for manifest in result.create:
@@ -244,6 +293,15 @@ class Reconciler:
             res = Resource(kueue.GROUP, current["apiVersion"].split("/")[1], "workloads")
             self.kube.merge_patch(res, current["metadata"]["namespace"], current["metadata"]["name"],
                                   {"spec": {"active": desired["spec"]["active"]}})
+
+
+def kube_error_message(e: ApiException) -> str:
+    import json
+
+    try:
+        return str(json.loads(e.body or "{}").get("message") or e.reason)
+    except ValueError:
+        return str(e.reason)
 
 
 __all__ = ["Reconciler", "merge_patch_diff", "utcnow"]

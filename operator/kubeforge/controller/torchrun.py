@@ -165,6 +165,10 @@ class TorchrunGang:
             pod_spec["nodeSelector"] = {**pod_spec.get("nodeSelector", {}), **extra["nodeSelector"]}
         if extra.get("tolerations"):
             pod_spec["tolerations"] = [*pod_spec.get("tolerations", []), *extra["tolerations"]]
+        if extra.get("labels"):  # an admission check's podSetUpdates; ours win on conflict
+            meta["labels"] = {**extra["labels"], **meta["labels"]}
+        if extra.get("annotations"):
+            meta["annotations"] = {**extra["annotations"], **meta.get("annotations", {})}
         return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
 
     def pods(self, attempt: int, placement_by_set: dict[str, dict[str, Any]], gang_backend: gang.Backend) -> list[dict]:

@@ -87,6 +87,12 @@ class JobContext:
     builder: GangBuilder
     workload_version: str = "v1beta2"
     backoff_cap_seconds: int = 300
+    # Kueue, resolved by the reconciler: the LocalQueue (spec, label or namespace default) and the priority
+    # (explicit, or the value of the WorkloadPriorityClass / PriorityClass named); priority_error when a
+    # named class does not exist (the Workload would be refused).
+    queue_name: str | None = None
+    priority: kueue.WorkloadPriority | None = None
+    priority_error: str | None = None
 
 
 def _status(obj: dict[str, Any]) -> JobStatus:
@@ -135,7 +141,8 @@ class _Planner:
         self.status.observed_generation = self.gen
         self.plan = Plan(status=self.status)
         self.failure_reason: str | None = None
-        self.backend = gang.backend(self.spec.scheduling)
+        self.queue = ctx.queue_name or self.spec.scheduling.queue_name
+        self.backend = gang.backend(self.spec.scheduling, self.queue)
         self.current = [p for p in observed.pods if pods.attempt(p) == self.status.attempt]
         self.stale = [p for p in observed.pods if pods.attempt(p) != self.status.attempt]
 
@@ -215,7 +222,21 @@ class _Planner:
             return self.suspend()
         if self.backend == "kueue" and not self.kueue_admitted():
             return None
-        return self.gang()
+        self.gang()
+        if self.backend == "kueue":
+            self.report_pods_ready()
+        return None
+
+    def report_pods_ready(self) -> None:
+        """Kueue's waitForPodsReady: PodsReady on the Workload once the whole gang runs and is ready."""
+        wl = self.observed.workload
+        if wl is None or self.plan.workload_status_patch is not None or kueue.admission(wl) is None:
+            return
+        size = self.ctx.builder.gang_size()
+        cur = [p for p in self.current if not pods.deleting(p)]
+        ready = (self.status.phase == "Running" and len(cur) == size
+                 and all(pods.phase(p) == "Succeeded" or pods.ready(p) for p in cur))
+        self.plan.workload_status_patch = kueue.pods_ready_patch(wl, ready, self.status.restarts > 0, self.now)
 
     def terminal_cleanup(self) -> None:
         for p in self.observed.pods:  # a failed gang's survivors must not hold GPUs
@@ -252,23 +273,31 @@ class _Planner:
         s.message = (f"stopping {len(remaining)} pods (each writes a checkpoint first)" if remaining
                      else "suspended; set spec.runPolicy.suspend=false to resume from the last checkpoint")
         if self.backend == "kueue":
-            self.ensure_workload(active=False)
+            wl = self.ensure_workload(active=False)
+            # Deactivated, Kueue evicts it; once the pods are gone the quota goes back to the queue.
+            if wl is not None and not remaining and kueue.holds_quota(wl):
+                self.plan.workload_status_patch = kueue.release_quota_patch(wl, "the job is suspended", self.now)
 
     def ensure_workload(self, active: bool) -> dict[str, Any] | None:
-        sched = self.spec.scheduling
+        priority = self.ctx.priority
+        if priority is None and self.spec.scheduling.priority is not None:
+            priority = kueue.WorkloadPriority(self.spec.scheduling.priority)
         desired = kueue.desired_workload(
-            self.obj, self.ctx.workload_version, sched.queue_name or "",
-            self.ctx.builder.pod_sets(self.status.attempt), sched.priority,
-            self.spec.resources.priority_class_name, active)
+            self.obj, self.ctx.workload_version, self.queue or "",
+            self.ctx.builder.pod_sets(self.status.attempt), priority, active)
         self.plan.workload = desired
         return self.observed.workload
 
     def kueue_admitted(self) -> bool:
         """Kueue gate: True when the gang may run now; otherwise the plan says what to do meanwhile."""
         s = self.status
+        if self.ctx.priority_error:
+            s.phase, s.message = "Pending", self.ctx.priority_error
+            self.requeue(30)
+            return False
         wl = self.ensure_workload(active=True)
         if wl is None:
-            s.phase, s.message = "Queued", f"created Kueue Workload; waiting in queue {self.spec.scheduling.queue_name}"
+            s.phase, s.message = "Queued", f"created Kueue Workload; waiting in queue {self.queue}"
             return False
         evicted = kueue.eviction(wl)
         if evicted:
@@ -284,7 +313,7 @@ class _Planner:
         if kueue.admission(wl) is None:
             if self.current:
                 self.teardown("AdmissionWithdrawn", "Kueue withdrew the admission", failure=False)
-            s.phase, s.message = "Queued", f"waiting for Kueue to admit the workload (queue {self.spec.scheduling.queue_name})"
+            s.phase, s.message = "Queued", f"waiting for Kueue to admit the workload (queue {self.queue})"
             s.backoff_until = None
             return False
         return True
@@ -293,7 +322,8 @@ class _Planner:
         adm = kueue.admission(self.observed.workload) if self.backend == "kueue" else None
         if adm is None:
             return {}
-        return {ps: kueue.pod_placement(adm, ps, self.observed.flavors) for ps in adm.flavors}
+        return {ps: kueue.pod_placement(adm, ps, self.observed.flavors,
+                                        kueue.pod_set_updates(self.observed.workload, ps)) for ps in adm.flavors}
 
     def gang(self) -> None:
         s = self.status

@@ -37,13 +37,52 @@ from typing import Any
 import yaml
 
 from . import assets
-from .pki import ensure_pki
+from .pki import ensure_pki, sign_serving_cert
 from .procs import proc_start_ticks
 
 # A loopback service range: every ClusterIP is an address this machine owns, so the node agent's userspace
-# proxy can listen on it (see proxy.py) — no kube-proxy, no iptables, no root-wide change.
-SERVICE_CIDR = "127.100.0.0/16"
-SERVICE_IP = "127.100.0.1"  # the `kubernetes` Service's ClusterIP (first of the range)
+# proxy can listen on it (see proxy.py) — no kube-proxy, no iptables, no root-wide change. Each dev cluster
+# on the machine takes a network slot k: Services in 127.(100+k).0.0/16 (the `kubernetes` Service at .0.1),
+# pods in 127.k.(10+node).0/24, so several clusters (parallel test runs) never share an address.
+MAX_NET_SLOTS = 64
+
+
+def service_cidr(slot: int) -> str:
+    return f"127.{100 + slot}.0.0/16"
+
+
+def service_ip(slot: int) -> str:
+    return f"127.{100 + slot}.0.1"
+
+
+SERVICE_CIDR, SERVICE_IP = service_cidr(0), service_ip(0)
+
+
+def net_slot_lock(slot: int) -> Path:
+    return assets.cache_dir() / "net-slots" / f"{slot}.lock"
+
+
+def claim_net_slot() -> tuple[int, Any]:
+    """The lowest slot no dev cluster holds: a running one's node agent keeps `<k>.lock` locked, and a
+    starting one's `up` keeps `<k>.claim` locked until its node agent runs (returned open: the caller holds it)."""
+    for k in range(MAX_NET_SLOTS):
+        lock = net_slot_lock(k)
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        claim = open(lock.with_suffix(".claim"), "a")  # noqa: SIM115  held by the caller
+        try:
+            fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            claim.close()
+            continue
+        with open(lock, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                claim.close()
+                continue
+            fcntl.flock(f, fcntl.LOCK_UN)
+        return k, claim
+    raise RuntimeError(f"all {MAX_NET_SLOTS} dev-cluster network slots are in use")
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 BUCKET = "kubeforge"
 S3_SECRET = "kubeforge-s3"
@@ -93,6 +132,7 @@ class Component:
 
 class DevCluster:
     def __init__(self, state_dir: Path | None = None) -> None:
+        self._slot_claim: Any = None  # the network slot's claim, held while `up` starts a new cluster
         self.dir = (state_dir or default_state_dir()).resolve()
         self.state_file = self.dir / "state.json"
         self.state: dict[str, Any] = {}
@@ -256,7 +296,8 @@ class DevCluster:
             names = ["etcd", "etcd_peer", "apiserver", "controller_manager", "scheduler", "nodeagent", "s3",
                      "s3_console"]
             self.state["ports"] = dict(zip(names, free_ports(len(names))))
-        kueue_ports = [n for n in ("kueue_webhook", "kueue_health", "kueue_metrics") if n not in self.state["ports"]]
+        kueue_ports = [n for n in ("kueue_webhook", "kueue_health", "kueue_metrics", "kubelet")
+                       if n not in self.state["ports"]]
         if kueue_ports:
             self.state["ports"].update(zip(kueue_ports, free_ports(len(kueue_ports))))
         if not self.s3:
@@ -267,8 +308,14 @@ class DevCluster:
                 "secret_key": secrets.token_urlsafe(24),
                 "bucket": BUCKET,
             }
+        if "net_slot" not in self.state:
+            self.state["net_slot"], self._slot_claim = claim_net_slot()
         self.state.setdefault("components", {})
         self._save()
+
+    @property
+    def net_slot(self) -> int:
+        return int(self.state.get("net_slot", 0))
 
     def _write_kubeconfig(self) -> None:
         def b64(p: Path) -> str:
@@ -315,7 +362,11 @@ class DevCluster:
                 f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
                 f"--service-account-issuer={ISSUER}", f"--api-audiences={ISSUER}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--service-cluster-ip-range={service_cidr(self.net_slot)}",
+                # kubectl logs: the API server calls the node agent's kubelet API over TLS (see nodeagent.py).
+                f"--kubelet-certificate-authority={pki / 'ca.crt'}",
+                f"--kubelet-client-certificate={pki / 'admin.crt'}", f"--kubelet-client-key={pki / 'admin.key'}",
+                "--kubelet-preferred-address-types=InternalIP",
                 "--authorization-mode=RBAC", "--allow-privileged=true",
                 "--enable-priority-and-fairness=false", "--profiling=false", "--v=1",
             ], health=checks["kube-apiserver"], start_timeout=90),
@@ -327,7 +378,7 @@ class DevCluster:
                 f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'ca.crt'}",
                 "--use-service-account-credentials=true",
                 f"--cluster-signing-cert-file={pki / 'ca.crt'}", f"--cluster-signing-key-file={pki / 'ca.key'}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--service-cluster-ip-range={service_cidr(self.net_slot)}",
                 # `endpoint` off: the API rejects loopback addresses in Endpoints (the controller would only emit
                 # warning events); EndpointSlices accept them and are maintained.
                 ("--controllers=*,-endpoints-controller,-node-ipam-controller,-cloud-node-lifecycle-controller,"
@@ -358,6 +409,8 @@ class DevCluster:
             f"--nodes={nodes}", f"--gpus-per-node={gpus}", f"--cpus-per-node={cpus}",
             f"--memory-per-node={memory}", f"--health-port={p['nodeagent']}",
             "--apiserver-host=127.0.0.1", f"--apiserver-port={p['apiserver']}",
+            f"--kubelet-port={p['kubelet']}", f"--kubelet-cert-dir={pki / 'kubelet'}",
+            f"--net-slot={self.net_slot}", f"--net-slot-lock={net_slot_lock(self.net_slot)}",
         ], env=self._pkg_env(), health=checks["nodeagent"], start_timeout=60))
         return comps
 
@@ -386,7 +439,12 @@ class DevCluster:
 
     def up(self, *args: Any, **kwargs: Any) -> None:
         with self._locked():
-            self._up(*args, **kwargs)
+            try:
+                self._up(*args, **kwargs)
+            finally:
+                if self._slot_claim is not None:  # the node agent holds the slot now (or nothing started)
+                    self._slot_claim.close()
+                    self._slot_claim = None
 
     def _up(self, nodes: int = 2, gpus_per_node: int = 2, with_operator: bool = False,
            cpus_per_node: str = "8", memory_per_node: str = "32Gi",
@@ -398,7 +456,11 @@ class DevCluster:
         bins = assets.ensure_binaries()
         prev = (self.state.get("nodes"), self.state.get("gpus_per_node"))
         self._init_state(nodes, gpus_per_node)
-        ensure_pki(self.pki, SERVICE_IP)
+        ensure_pki(self.pki, service_ip(self.net_slot))
+        if not (self.pki / "kubelet" / "ca.crt").exists():  # the node agent's kubelet API serving cert
+            sign_serving_cert(self.pki, self.pki / "kubelet", ["localhost"] + [f"kubeforge-node-{i}" for i in
+                                                                               range(nodes)], ["127.0.0.1"])
+            shutil.copy(self.pki / "ca.crt", self.pki / "kubelet" / "ca.crt")
         self._write_kubeconfig()
         comps = self._components(bins, nodes, gpus_per_node, cpus_per_node, memory_per_node)
         if prev != (nodes, gpus_per_node) and prev != (None, None):
@@ -580,8 +642,8 @@ class DevCluster:
         return h.hexdigest()
 
     def install_crds(self, crd_dir: Path | None = None) -> list[str]:
-        """Create-or-replace every CRD in crds/*.yaml with the Python client (see README of kueue-crds: the
-        create avoids kubectl's last-applied annotation, which large CRDs overflow)."""
+        """Create-or-replace every CRD in crds/*.yaml with the Python client (create avoids kubectl's
+        last-applied annotation, which large CRDs overflow)."""
         root = repo_root()
         crd_dir = crd_dir or (root / "crds" if root else None)
         if crd_dir is None or not crd_dir.is_dir():

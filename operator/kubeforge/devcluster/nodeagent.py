@@ -142,6 +142,126 @@ class Informer(threading.Thread):
                 rv = None
 
 
+# ------------------------------------------------------------------------------------------------ kubelet API
+
+
+def instance_span(log_path: Path, previous: bool) -> tuple[int, int | None] | None:
+    """Byte range of the current (or previous) container instance in its log; end None = to the end."""
+    try:
+        starts = [int(x) for x in log_path.with_suffix(".starts").read_text().split()]
+    except (OSError, ValueError):
+        starts = [0] if log_path.exists() else []
+    if previous:
+        return (starts[-2], starts[-1]) if len(starts) >= 2 else None
+    return (starts[-1], None) if starts else None
+
+
+def select_log(data: bytes, tail_lines: int | None, limit_bytes: int | None) -> bytes:
+    if tail_lines is not None:
+        lines = data.splitlines(keepends=True)
+        data = b"".join(lines[-tail_lines:]) if tail_lines > 0 else b""
+    if limit_bytes is not None:
+        data = data[:limit_bytes]
+    return data
+
+
+class KubeletServer:
+    """The part of the kubelet API the API server proxies for `kubectl logs`: GET /containerLogs/ns/pod/c with
+    follow, previous, tailLines and limitBytes, over TLS with the cluster CA, client certificates required
+    (the API server presents --kubelet-client-certificate). Exec, attach and port-forward are not served."""
+
+    def __init__(self, agent: NodeAgent, port: int, cert: Path, key: Path, ca: Path) -> None:
+        self.agent = agent
+        srv = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                srv.handle(self)
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
+        self.httpd.daemon_threads = True
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(cert), str(key))
+        ctx.load_verify_locations(str(ca))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, name="kubelet-api", daemon=True).start()
+
+    def handle(self, h: http.server.BaseHTTPRequestHandler) -> None:
+        from urllib.parse import parse_qs, urlsplit
+
+        url = urlsplit(h.path)
+        parts = url.path.strip("/").split("/")
+        if parts == ["healthz"]:
+            return self._reply(h, 200, b"ok")
+        if len(parts) != 4 or parts[0] != "containerLogs":
+            return self._reply(h, 404, b"not served by the kubeforge dev-cluster node agent (only containerLogs)")
+        _, ns, pod, container = parts
+        q = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        worker = self.agent.worker_for(ns, pod)
+        run = None
+        if worker is not None:
+            run = next((c for c in worker.inits + worker.mains if c.name == container), None)
+        log_path = self.agent.state_dir / "pods" / f"{ns}_{pod}" / f"{container}.log"
+        if run is None and not log_path.exists():
+            return self._reply(h, 404, f"container {container!r} in pod {ns}/{pod} not found".encode())
+        previous = q.get("previous") in ("true", "1")
+        span = instance_span(log_path, previous)
+        if span is None:
+            msg = (f'previous terminated container "{container}" in pod "{pod}" not found' if previous
+                   else f'container "{container}" in pod "{pod}" is waiting to start')
+            return self._reply(h, 400, msg.encode())
+        start, end = span
+        with open(log_path, "rb") as f:
+            f.seek(start)
+            data = f.read() if end is None else f.read(end - start)
+            tail = int(q["tailLines"]) if q.get("tailLines", "").lstrip("-").isdigit() else None
+            limit = int(q["limitBytes"]) if q.get("limitBytes", "").isdigit() else None
+            out = select_log(data, tail, limit)
+            follow = q.get("follow") in ("true", "1") and not previous and end is None
+            h.send_response(200)
+            h.send_header("Content-Type", "text/plain")
+            h.send_header("Transfer-Encoding", "chunked")
+            h.end_headers()
+            try:
+                self._chunk(h, out)
+                sent = len(out)
+                while follow and (limit is None or sent < limit):
+                    chunk = f.read()
+                    if chunk:
+                        chunk = chunk if limit is None else chunk[:limit - sent]
+                        self._chunk(h, chunk)
+                        sent += len(chunk)
+                        continue
+                    if run is None or run.state != "running" or self.agent.worker_for(ns, pod) is not worker:
+                        self._chunk(h, f.read())
+                        break
+                    time.sleep(0.2)
+                h.wfile.write(b"0\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+                pass  # the client stopped following
+
+    @staticmethod
+    def _chunk(h: http.server.BaseHTTPRequestHandler, data: bytes) -> None:
+        if data:
+            h.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            h.wfile.flush()
+
+    @staticmethod
+    def _reply(h: http.server.BaseHTTPRequestHandler, code: int, body: bytes) -> None:
+        h.send_response(code)
+        h.send_header("Content-Type", "text/plain")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+
 # ------------------------------------------------------------------------------------------------ probes
 
 
@@ -431,6 +551,10 @@ class PodWorker(threading.Thread):
         os.makedirs(cwd, exist_ok=True)
         c.term_path.unlink(missing_ok=True)
         c.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # One log file per container, restarts appended; each instance's start offset is recorded so the
+        # kubelet API can serve the current instance and `previous` (kubectl logs -p) like a kubelet.
+        with open(c.log_path.with_suffix(".starts"), "a") as starts:
+            starts.write(f"{c.log_path.stat().st_size if c.log_path.exists() else 0}\n")
         with open(c.log_path, "ab") as logf:
             try:
                 proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=logf,
@@ -824,9 +948,11 @@ def build_net_shim(out_dir: Path) -> Path | None:
 
 
 class IPAllocator:
-    """127.0.<10+node>.<2..254>: the whole 127/8 is loopback on Linux, so every pod can bind its own IP."""
+    """127.<slot>.<10+node>.<2..254>: the whole 127/8 is loopback on Linux, so every pod can bind its own IP;
+    `slot` keeps the pods of dev clusters running side by side apart."""
 
-    def __init__(self) -> None:
+    def __init__(self, slot: int = 0) -> None:
+        self.slot = slot
         self.lock = threading.Lock()
         self.by_uid: dict[str, str] = {}
         self.cursor: dict[int, int] = {}
@@ -836,7 +962,7 @@ class IPAllocator:
             if uid in self.by_uid:
                 return self.by_uid[uid]
             used = set(self.by_uid.values())
-            prefix = f"127.0.{10 + node}."
+            prefix = f"127.{self.slot}.{10 + node}."
             if want and want.startswith(prefix) and want not in used:
                 self.by_uid[uid] = want
                 return want
@@ -947,7 +1073,7 @@ def dns_records(pods: list[dict[str, Any]], services: list[dict[str, Any]], api_
 
 class NodeAgent:
     def __init__(self, api: client.ApiClient, state_dir: Path, nodes: int, gpus_per_node: int,
-                 cpus: str, memory: str, apiserver: tuple[str, int]) -> None:
+                 cpus: str, memory: str, apiserver: tuple[str, int], net_slot: int = 0) -> None:
         self.api = api
         self.core = client.CoreV1Api(api)
         self.coord = client.CoordinationV1Api(api)
@@ -957,8 +1083,9 @@ class NodeAgent:
         self.allocatable = {"cpu": cpus, "memory": memory, "pods": "110", "nvidia.com/gpu": str(gpus_per_node),
                             "ephemeral-storage": "100Gi"}
         self.apiserver = apiserver
+        self.kubelet_port: int | None = None
         self.hosts_file = state_dir / "hosts"
-        self.ips = IPAllocator()
+        self.ips = IPAllocator(net_slot)
         self.workers: dict[str, PodWorker] = {}
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -979,7 +1106,8 @@ class NodeAgent:
                     "kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
                     "kubeforge.dev/dev-cluster": "true", "node.kubernetes.io/instance-type": "kubeforge-dev",
                 }},
-                "spec": {"podCIDR": f"127.0.{10 + i}.0/24", "podCIDRs": [f"127.0.{10 + i}.0/24"]},
+                "spec": {"podCIDR": f"127.{self.ips.slot}.{10 + i}.0/24",
+                         "podCIDRs": [f"127.{self.ips.slot}.{10 + i}.0/24"]},
             }
             try:
                 self.core.create_node(body)
@@ -1025,6 +1153,8 @@ class NodeAgent:
             "conditions": [{"type": t, "status": s, "reason": r, "message": m, "lastHeartbeatTime": stamp,
                             "lastTransitionTime": stamp} for t, s, r, m in conds],
             "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": name}],
+            # The API server reaches this port for `kubectl logs` (one server answers for every node).
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.kubelet_port or 0}},
             "nodeInfo": {
                 "machineID": name, "systemUUID": name, "bootID": self.boot_id,
                 "kernelVersion": os.uname().release, "osImage": "kubeforge dev-cluster (local processes)",
@@ -1081,6 +1211,10 @@ class NodeAgent:
             if self.workers.get(w.uid) is w:
                 del self.workers[w.uid]
         self.dns_changed()
+
+    def worker_for(self, ns: str, pod: str) -> PodWorker | None:
+        with self.lock:
+            return next((w for w in self.workers.values() if w.ns == ns and w.pod_name == pod), None)
 
     def _on_service(self, typ: str, svc: dict[str, Any]) -> None:
         self.dns_changed()
@@ -1186,8 +1320,10 @@ class NodeAgent:
         threading.Thread(target=srv.serve_forever, name="health", daemon=True).start()
 
     # --- lifecycle
-    def run(self, health_port: int) -> None:
+    def run(self, health_port: int, kubelet: tuple[int, Path, Path, Path] | None = None) -> None:
         (self.state_dir / "pods").mkdir(parents=True, exist_ok=True)
+        if kubelet is not None:
+            self.kubelet_port = KubeletServer(self, *kubelet).port
         self.hosts_file.touch()
         self.net_shim = build_net_shim(self.state_dir / "shim")
         self._kill_leftovers()
@@ -1235,20 +1371,42 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--health-port", type=int, required=True)
     ap.add_argument("--apiserver-host", default="127.0.0.1")
     ap.add_argument("--apiserver-port", type=int, required=True)
+    ap.add_argument("--net-slot", type=int, default=0,
+                    help="pod IPs are 127.<slot>.<10+node>.x; the agent holds --net-slot-lock while it runs")
+    ap.add_argument("--net-slot-lock", type=Path, default=None)
+    ap.add_argument("--kubelet-port", type=int, default=None,
+                    help="serve the kubelet's containerLogs API over TLS on this port (kubectl logs)")
+    ap.add_argument("--kubelet-cert-dir", type=Path, default=None,
+                    help="tls.crt, tls.key and ca.crt (the CA that signed the API server's client cert)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(threadName)s %(message)s")
     cfg = client.Configuration()
     config.load_kube_config(config_file=args.kubeconfig, client_configuration=cfg)
     cfg.connection_pool_maxsize = 64  # one watch per informer plus one connection per busy pod thread
+    if args.net_slot_lock is not None:  # held for the agent's life: no other dev cluster takes this slot
+        import fcntl
+
+        args.net_slot_lock.parent.mkdir(parents=True, exist_ok=True)
+        slot_file = open(args.net_slot_lock, "a")  # noqa: SIM115  kept open (and locked) until exit
+        try:
+            fcntl.flock(slot_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.error("network slot %d is taken by another dev cluster (%s)", args.net_slot, args.net_slot_lock)
+            return 1
     agent = NodeAgent(client.ApiClient(cfg), args.state_dir, args.nodes, args.gpus_per_node,
-                      args.cpus_per_node, args.memory_per_node, (args.apiserver_host, args.apiserver_port))
+                      args.cpus_per_node, args.memory_per_node, (args.apiserver_host, args.apiserver_port),
+                      args.net_slot)
 
     def on_signal(signum: int, frame: Any) -> None:
         agent.stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    agent.run(args.health_port)
+    kubelet = None
+    if args.kubelet_port is not None and args.kubelet_cert_dir is not None:
+        d = args.kubelet_cert_dir
+        kubelet = (args.kubelet_port, d / "tls.crt", d / "tls.key", d / "ca.crt")
+    agent.run(args.health_port, kubelet)
     return 0
 
 
