@@ -7,7 +7,7 @@ import time
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from builders import context_extension_job, pretrain_job, with_
+from builders import pretrain_job, with_
 from kubeforge.controller.kube import RESOURCES, Kube, Resource
 from kubeforge.controller.reconciler import Reconciler
 from kubeforge.settings import OperatorSettings
@@ -91,19 +91,6 @@ def test_invalid_spec_on_a_server_without_the_webhook_is_stalled_with_the_field_
     rv = got["metadata"]["resourceVersion"]
     reconciler.reconcile("PretrainJob", namespace, "bad")
     assert kube.get(RESOURCES["PretrainJob"], namespace, "bad")["metadata"]["resourceVersion"] == rv
-
-
-def test_kinds_without_a_controller_say_so_honestly(reconciler, namespace):
-    kube = reconciler.kube
-    obj = context_extension_job("extend")
-    obj["metadata"]["namespace"] = namespace
-    kube.create(obj)
-    reconciler.reconcile("ContextExtensionJob", namespace, "extend")
-    got = kube.get(RESOURCES["ContextExtensionJob"], namespace, "extend")
-    conds = conditions(got)
-    assert conds["Stalled"]["reason"] == "NotImplemented" and conds["Ready"]["status"] == "False"
-    assert "phase" not in got["status"] and got["status"]["observedGeneration"] == 1
-    assert kube.list(RESOURCES["Pod"], namespace) == []
 
 
 def test_model_and_data_secrets_reach_the_gang_under_their_prefixes(reconciler, namespace):

@@ -94,9 +94,9 @@ INVALID: list[tuple[str, dict, dict | None, list[str]]] = [
       "spec.resources.numNodes: cannot change while the job is Running; suspend it first"]),
     # --- ContextExtensionJob -------------------------------------------------------------------------
     ("stage not increasing", with_(CEJ, "spec.stages", [
-        {"seqLen": 8192, "steps": 1, "batchTokens": 8192},
-        {"seqLen": 65536, "steps": 1, "batchTokens": 65536},
-        {"seqLen": 65536, "steps": 1, "batchTokens": 65536}]), None,
+        {"seqLen": 8192, "steps": 1, "batchTokens": 16384},
+        {"seqLen": 65536, "steps": 1, "batchTokens": 131072},
+        {"seqLen": 65536, "steps": 1, "batchTokens": 131072}]), None,
      ["spec.stages[2].seqLen: must be greater than spec.stages[1].seqLen (65536)"]),
     ("stage decreasing", with_(CEJ, "spec.stages[1].seqLen", 4096), None,
      ["spec.stages[1].seqLen: must be greater than spec.stages[0].seqLen (8192)"]),

@@ -93,6 +93,13 @@ RL_COLUMNS = (
     *JOB_COLUMNS[4:],
 )
 
+# ContextExtensionJob: the stage running now ("2/3 512") right after the phase
+EXTENSION_COLUMNS = (
+    JOB_COLUMNS[0],
+    PrinterColumn("Stage", ".status.currentStage", "string", "Stage running now / stages, and its seqLen"),
+    *JOB_COLUMNS[1:],
+)
+
 def _fmt(text: str, *args: str) -> str:
     """A messageExpression: `text` with its %d/%s filled from the CEL `args`. format(), because CEL's cost
     estimator prices string(number) + '...' as an unbounded string and the server refuses the CRD."""
@@ -351,7 +358,7 @@ KINDS: tuple[Kind, ...] = (
         spec_model=ContextExtensionJobSpec,
         status_model=JobStatus,
         description="Extend a model's context window in progressive stages.",
-        columns=JOB_COLUMNS,
+        columns=EXTENSION_COLUMNS,
         cel_rules=(
             *MODEL_RULES,
             *_gpu_rules("resources"),

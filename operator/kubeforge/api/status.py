@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -96,6 +96,34 @@ class RLStatus(StatusModel):
     """Recent (step, mean reward) points."""
 
 
+FREE_FORM: dict[str, Any] = {"x-kubernetes-preserve-unknown-fields": True}
+
+
+class StageStatus(StatusModel):
+    """One stage of a ContextExtensionJob."""
+
+    index: int
+    """0-based position in spec.stages."""
+    seq_len: int
+    """Training sequence length."""
+    rope_theta: float | None = None
+    """Effective RoPE base (auto resolved)."""
+    rope_scaling: dict[str, Any] | None = Field(default=None, json_schema_extra=FREE_FORM)
+    """RoPE scaling block (yarn, linear, llama3), when the method sets one."""
+    state: Literal["Pending", "Running", "Succeeded", "Failed"] = "Pending"
+    """Where the stage is."""
+    steps: int | None = None
+    """Optimizer steps of the stage."""
+    steps_done: int | None = None
+    """Steps done in the stage."""
+    loss: float | None = None
+    """Latest training loss in the stage."""
+    tokens_per_second: float | None = None
+    """Latest throughput in the stage."""
+    evals: dict[str, Any] | None = Field(default=None, json_schema_extra=FREE_FORM)
+    """Results after the stage: perplexity per length, needleScore (share of the grid retrieved)."""
+
+
 class CheckpointRef(StatusModel):
     """The newest committed checkpoint."""
 
@@ -149,6 +177,10 @@ class JobStatus(StatusModel):
     """Finished model."""
     message: str | None = None
     """Short human summary of the current state."""
+    stages: list[StageStatus] | None = None
+    """ContextExtensionJob: every stage's length, RoPE, state, loss, throughput and evals."""
+    current_stage: str | None = None
+    """ContextExtensionJob: the stage running now, as "2/3 512" (stage/stages seqLen)."""
 
 
 class PoolStatus(StatusModel):

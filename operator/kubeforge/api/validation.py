@@ -7,6 +7,7 @@ drop the CEL rules in the CRDs. Messages name the exact field path, Kubernetes s
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -249,6 +250,7 @@ def _check_context_extension(errors: Errors, spec: ContextExtensionJobSpec) -> N
             errors.add(f"{path}.batchTokens", f"must be a multiple of seqLen ({stage.seq_len})")
         if isinstance(stage.rope_theta, int) and stage.rope_theta <= 0:
             errors.add(f"{path}.ropeTheta", "must be a positive number or auto")
+        _check_extension_stage(errors, spec, i, world)
         if not isinstance(stage.rope_theta, int) and stage.rope_theta != "auto":
             errors.add(f"{path}.ropeTheta", f"must be a positive integer or auto (got {stage.rope_theta!r})")
     longest = spec.stages[-1].seq_len
@@ -261,6 +263,34 @@ def _check_context_extension(errors: Errors, spec: ContextExtensionJobSpec) -> N
     for i, length in enumerate(spec.eval.perplexity_lengths):
         if length > longest:
             errors.add(f"spec.eval.perplexityLengths[{i}]", f"{length} exceeds the last stage's seqLen ({longest})")
+    _check_extension_eval_lengths(errors, spec)
+
+
+def _check_extension_stage(errors: Errors, spec: ContextExtensionJobSpec, i: int, world: int) -> None:
+    """What the runtime would otherwise find at step 0 (kubeforge.runtime.extend.run.plan_stages)."""
+    stage, sp, path = spec.stages[i], spec.sequence_parallel, f"spec.stages[{i}]"
+    replicas = world // sp.degree if world % sp.degree == 0 else 0
+    sequences = stage.batch_tokens // stage.seq_len
+    if replicas and stage.batch_tokens % stage.seq_len == 0 and sequences % replicas:
+        errors.add(f"{path}.batchTokens", f"{sequences} sequences per step do not split over {replicas} data-parallel "
+                   f"replicas (numNodes x processesPerNode / sequenceParallel.degree)")
+    if isinstance(stage.rope_theta, int) and spec.scaling.method != "theta":
+        errors.add(f"{path}.ropeTheta", f"only scaling method theta takes a ropeTheta (method is {spec.scaling.method})")
+    elif isinstance(stage.rope_theta, int) and 0 < 2 * math.pi * stage.rope_theta < stage.seq_len:
+        # the slowest RoPE pair turns once every ~2πθ tokens: beyond that, positions alias
+        errors.add(f"{path}.ropeTheta", f"{stage.rope_theta} cannot address seqLen {stage.seq_len} (2π x ropeTheta "
+                   f"must be at least seqLen)")
+
+
+def _check_extension_eval_lengths(errors: Errors, spec: ContextExtensionJobSpec) -> None:
+    sp = spec.sequence_parallel
+    unit = 2 * sp.degree if sp.impl == "zigzag" else sp.degree
+    for name, lengths in (("needle.lengths", spec.eval.needle.lengths),
+                          ("perplexityLengths", spec.eval.perplexity_lengths)):
+        for i, length in enumerate(lengths):
+            if length % unit:
+                errors.add(f"spec.eval.{name}[{i}]", f"evals split sequences like training: must be a multiple of "
+                           f"{unit} ({sp.impl} over degree {sp.degree})")
 
 
 def _check_rl(errors: Errors, spec: RLJobSpec) -> None:

@@ -77,11 +77,15 @@ class Reconciler:
                 from .rl import RUNTIME_MODULE
 
                 return self.reconcile_training(obj, RUNTIME_MODULE)
+            if kind == "ContextExtensionJob":
+                from .extension import RUNTIME_MODULE
+
+                return self.reconcile_training(obj, RUNTIME_MODULE)
             if kind == "InferenceDeployment":
                 from .serving import reconcile_serving
 
                 return reconcile_serving(self, obj)
-            return self.stall_unsupported(obj)
+            raise ValueError(f"no controller for kind {kind!r}")
 
     def record_pod_report(self, kind: str, namespace: str, name: str, pod: dict[str, Any]) -> None:
         """Keep what a pod reported even if the pod is gone before the next reconcile lists it.
@@ -137,18 +141,6 @@ class Reconciler:
                               message=message, generation=status.observed_generation, now=self.clock())
         if self.write_status(obj, status) and changed:
             self.post_events(obj, [Event("Warning", "InvalidSpec", message)])
-        return None
-
-    def stall_unsupported(self, obj: dict[str, Any]) -> None:
-        status = self.status_model(obj)
-        status.observed_generation = obj["metadata"].get("generation")
-        message = f"this kubeforge release does not run {obj['kind']} workloads yet; nothing was created"
-        status.message = message
-        changed = set_kstatus(status.conditions, ready=False, reconciling=False, stalled=True,
-                              reason="NotImplemented", message=message,
-                              generation=status.observed_generation, now=self.clock())
-        if self.write_status(obj, status) and changed:
-            self.post_events(obj, [Event("Warning", "NotImplemented", message)])
         return None
 
     # --- model.from ----------------------------------------------------------------------------------

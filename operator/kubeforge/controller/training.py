@@ -26,7 +26,7 @@ from kubeforge import contract
 from kubeforge.api import status as st
 from kubeforge.api.status import CheckpointRef, JobStatus, Output, Progress
 
-from . import gang, kueue, pods
+from . import extension, gang, kueue, pods
 from .conditions import parse_time, rfc3339, set_condition, set_kstatus
 
 TERMINAL = ("Succeeded", "Failed")
@@ -141,6 +141,7 @@ def merge_progress(status: JobStatus, report: dict[str, Any] | None) -> None:
     ckpt = report.get("lastCheckpoint")
     if isinstance(ckpt, dict) and ckpt.get("uri") and ckpt.get("step") is not None:
         status.last_checkpoint = CheckpointRef(uri=ckpt["uri"], step=ckpt["step"], time=ckpt.get("time"))
+    extension.merge_stages(status, report)  # ContextExtensionJob's stages; no-op for the other kinds
 
 
 class _Planner:

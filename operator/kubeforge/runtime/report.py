@@ -50,6 +50,7 @@ class Progress:
     time: str = ""
     reward: float | None = None  # RLJob: mean reward of the latest batch
     rl: dict[str, Any] | None = None  # RLJob: the status.rl block (camelCase keys)
+    extra: dict[str, Any] | None = None  # kind-specific keys (ContextExtensionJob: stage, stages)
 
     def to_json(self) -> dict[str, Any]:
         """JSON the API server accepts: a non-finite loss (a diverged run) is null plus `lossNonFinite`
@@ -71,6 +72,8 @@ class Progress:
             d["reward"] = round(float(self.reward), 6)
         if self.rl is not None:
             d["rl"] = self.rl
+        if self.extra:
+            d.update(self.extra)
         return d
 
 

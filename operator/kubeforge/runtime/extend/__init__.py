@@ -1,0 +1,1 @@
+"""ContextExtensionJob runtime: RoPE schedules, sequence-parallel attention, the stage loop and its evals."""
