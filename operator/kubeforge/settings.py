@@ -21,6 +21,8 @@ class OperatorSettings(BaseSettings):
     """Default image of vLLM engine pods."""
     router_image: str = "ghcr.io/kubeforge/router:0.1.0"
     """Default image of router pods."""
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    """Secrets (names, JSON list) every workload pod pulls its images with, in the pod's own namespace."""
     python: str = "python"
     """Interpreter the rendered commands start (the images put kubeforge's on PATH)."""
     webhook: bool = False

@@ -184,6 +184,7 @@ class Reconciler:
             obj=obj, resources=spec.resources, scheduling=spec.scheduling, module=module,
             resolved_spec=self.resolved_spec(spec, source), secret_name=secret,
             s3_endpoint=spec.checkpoint.endpoint, python=self.settings.python,
+            default_image=self.settings.trainer_image, image_pull_secrets=tuple(self.settings.image_pull_secrets),
             model_secret_name=spec.model.secret_ref.name if spec.model.secret_ref else None,
             data_secret_name=spec.data.secret_ref.name if spec.data.secret_ref else None,
         )
