@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lupa import lua51
-
 import test_serving_render as sr
+from lupa import lua51
+from test_training_planner import T0, ctx, gang, job, pod, running_status
+
 from kubeforge.controller.conditions import set_kstatus
 from kubeforge.controller.training import Observed, plan
-from test_training_planner import T0, ctx, gang, job, pod, running_status
 
 ARGOCD = Path(__file__).resolve().parents[2] / "charts" / "kubeforge" / "argocd"
 
