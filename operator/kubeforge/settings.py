@@ -27,6 +27,9 @@ class OperatorSettings(BaseSettings):
     """Interpreter the rendered commands start (the images put kubeforge's on PATH)."""
     webhook: bool = False
     """Serve the validating admission webhook (needs a reachable address)."""
+    webhook_configuration: str = "validate.kubeforge.dev"
+    """ValidatingWebhookConfiguration the operator creates and keeps pointing at itself (dev clusters);
+    empty: someone else owns it (the Helm chart renders it with a Service clientConfig)."""
     webhook_host: str | None = None
     """Host name the API server uses to reach the webhook (e.g. the Service DNS name)."""
     webhook_listen: str = "0.0.0.0"
@@ -39,6 +42,10 @@ class OperatorSettings(BaseSettings):
     """TLS key of the webhook."""
     liveness_port: int | None = None
     """Serve kopf's /healthz on this port."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics at /metrics on this port."""
+    peering: str | None = None
+    """kopf peering name: replicas elect one active operator (the others stand by); unset: standalone."""
     gang_backoff_max_seconds: int = 300
     """Cap of the exponential backoff between gang restarts."""
     autoscale_interval_seconds: float = 10.0
