@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[train,dev]'
 	@touch $@
 
-# Kubernetes v1.20.2 control plane + etcd for the dev cluster (cached under ~/.cache/kubeforge; honours
-# KUBEBUILDER_ASSETS). Skipped when KUBECONFIG points at a cluster.
+# Kubernetes v1.34.4 control plane + etcd 3.6 for the dev cluster, built from the Go module proxy (cached
+# under ~/.cache/kubeforge; honours KUBEBUILDER_ASSETS). Skipped when KUBECONFIG points at a cluster.
 cluster-binaries:
 	@if [[ -z "$$KUBECONFIG" ]]; then bash scripts/build-k8s.sh >/dev/null; fi
 

@@ -403,7 +403,6 @@ def test_in_cluster_client_patches_own_pod_under_rbac(cluster: ClusterHandle, na
         "metadata": {"name": "reporter"},
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "reporter"},
         "subjects": [{"kind": "ServiceAccount", "name": "reporter", "namespace": namespace}]})
-    wait_for(lambda: core.read_namespaced_service_account("reporter", namespace).secrets, 30, what="SA token")
     code = textwrap.dedent("""
         import json, os
         from kubernetes import client, config

@@ -86,7 +86,17 @@ MODEL_RULES = (
         "(has(self.uri) ? 1 : 0) + (has(self.from) ? 1 : 0) + (has(self.config) ? 1 : 0) == 1",
         "exactly one of uri, from or config must be set",
     ),
-    CelRule("model", "self == oldSelf", "is immutable"),
+    # Not `self == oldSelf`: CEL compares JSON numbers by type, so a replace that sends `rope_theta: 10000.0`
+    # for the stored `10000` would be refused. The typed parts are compared here; model.config's contents
+    # (free-form numbers) by validate(), which compares numbers by value.
+    CelRule(
+        "model",
+        "has(self.uri) == has(oldSelf.uri) && (!has(self.uri) || self.uri == oldSelf.uri) && "
+        "has(self.from) == has(oldSelf.from) && (!has(self.from) || self.from == oldSelf.from) && "
+        "has(self.config) == has(oldSelf.config) && "
+        "has(self.tokenizer) == has(oldSelf.tokenizer) && (!has(self.tokenizer) || self.tokenizer == oldSelf.tokenizer)",
+        "is immutable",
+    ),
     CelRule(
         "model.tokenizer",
         "(has(self.uri) ? 1 : 0) + (has(self.builtin) ? 1 : 0) == 1",
@@ -200,6 +210,7 @@ KINDS: tuple[Kind, ...] = (
                 "self.decode.tensorParallel >= self.prefill.tensorParallel",
                 "NixlConnector needs decode.tensorParallel >= prefill.tensorParallel",
             ),
+            CelRule("mode", "self == oldSelf", "is immutable; create a new InferenceDeployment"),
             CelRule("pool.autoscaling", "self.minReplicas <= self.maxReplicas", "minReplicas must be <= maxReplicas"),
             CelRule(
                 "prefill.autoscaling", "self.minReplicas <= self.maxReplicas", "minReplicas must be <= maxReplicas"

@@ -1,4 +1,4 @@
-"""`kubeforge dev-cluster`: a real Kubernetes v1.20 control plane on one machine whose pods run as local
+"""`kubeforge dev-cluster`: a real Kubernetes v1.34 control plane on one machine whose pods run as local
 processes (see docs/dev-cluster.md)."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`kubeforge dev-cluster ...`: a real Kubernetes control plane on one machine, pods as local processes.
 
-    kubeforge dev-cluster up [--nodes N] [--gpus-per-node G] [--with-operator] [--state-dir DIR]
+    kubeforge dev-cluster up [--nodes N] [--gpus-per-node G] [--with-operator] [--with-kueue] [--state-dir DIR]
     kubeforge dev-cluster status [--json]
     kubeforge dev-cluster env
     kubeforge dev-cluster logs <ns>/<pod> [-c container] [-f]
@@ -30,7 +30,8 @@ def _cmd_up(a: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
         dc.up(nodes=a.nodes, gpus_per_node=a.gpus_per_node, with_operator=a.with_operator,
-              cpus_per_node=a.cpus_per_node, memory_per_node=a.memory_per_node, extra_crd_dirs=a.crds)
+              cpus_per_node=a.cpus_per_node, memory_per_node=a.memory_per_node, extra_crd_dirs=a.crds,
+              with_kueue=a.with_kueue)
     except Exception as e:  # noqa: BLE001  any failure: one clear line and exit 1, logs name the component
         print(f"dev-cluster: up failed: {e}", file=sys.stderr)
         return 1
@@ -120,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--cpus-per-node", default="8")
     up.add_argument("--memory-per-node", default="32Gi")
     up.add_argument("--with-operator", action="store_true", help="also run `python -m kubeforge operator`")
+    up.add_argument("--with-kueue", action="store_true",
+                    help="also run the Kueue controller (v0.17.0, built on first use) with its CRDs and webhooks")
     up.add_argument("--crds", type=Path, action="append", default=[], metavar="DIR",
                     help="also create-or-replace the CRDs in DIR/*.yaml (repeatable), e.g. Kueue's")
     up.set_defaults(fn=_cmd_up)

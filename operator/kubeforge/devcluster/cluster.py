@@ -49,7 +49,8 @@ BUCKET = "kubeforge"
 S3_SECRET = "kubeforge-s3"
 # Never inherited by the operator (DESIGN: the operator holds no data credentials); pass them explicitly.
 DATA_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "s3", "nodeagent", "operator")
+ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "s3", "nodeagent", "kueue",
+         "operator")
 
 
 def default_state_dir() -> Path:
@@ -144,9 +145,14 @@ class DevCluster:
         ctx.load_cert_chain(str(self.pki / "admin.crt"), str(self.pki / "admin.key"))
         return ctx
 
-    def _get_ok(self, url: str, tls: bool = False, expect: str | None = None) -> bool:
+    def _get_ok(self, url: str, tls: bool = False, expect: str | None = None, insecure: bool = False) -> bool:
+        ctx = self._ssl() if tls else None
+        if insecure:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
         try:
-            with urllib.request.urlopen(url, timeout=2, context=self._ssl() if tls else None) as r:
+            with urllib.request.urlopen(url, timeout=2, context=ctx) as r:
                 body = r.read().decode(errors="replace")
                 return r.status == 200 and (expect is None or expect in body)
         except (OSError, ValueError, http.client.HTTPException):
@@ -159,10 +165,13 @@ class DevCluster:
         return {
             "etcd": lambda: self._get_ok(f"http://127.0.0.1:{p['etcd']}/health", expect="true"),
             "kube-apiserver": lambda: self._get_ok(f"https://127.0.0.1:{p['apiserver']}/readyz", tls=True),
-            "kube-controller-manager": lambda: self._get_ok(f"http://127.0.0.1:{p['controller_manager']}/healthz"),
-            "kube-scheduler": lambda: self._get_ok(f"http://127.0.0.1:{p['scheduler']}/healthz"),
+            # Self-signed serving certs (their own --cert-dir); /healthz is open to anonymous requests.
+            "kube-controller-manager": lambda: self._get_ok(f"https://127.0.0.1:{p['controller_manager']}/healthz",
+                                                            insecure=True),
+            "kube-scheduler": lambda: self._get_ok(f"https://127.0.0.1:{p['scheduler']}/healthz", insecure=True),
             "s3": lambda: self._get_ok(s3_url + s3_path),
             "nodeagent": lambda: self._get_ok(f"http://127.0.0.1:{p['nodeagent']}/healthz"),
+            "kueue": lambda: self._get_ok(f"http://127.0.0.1:{p.get('kueue_health', 0)}/readyz"),
             "operator": lambda: True,  # liveness only: the operator has no health endpoint we rely on
         }
 
@@ -247,6 +256,9 @@ class DevCluster:
             names = ["etcd", "etcd_peer", "apiserver", "controller_manager", "scheduler", "nodeagent", "s3",
                      "s3_console"]
             self.state["ports"] = dict(zip(names, free_ports(len(names))))
+        kueue_ports = [n for n in ("kueue_webhook", "kueue_health", "kueue_metrics") if n not in self.state["ports"]]
+        if kueue_ports:
+            self.state["ports"].update(zip(kueue_ports, free_ports(len(kueue_ports))))
         if not self.s3:
             self.state["s3"] = {
                 "kind": "minio" if shutil.which("minio") else "moto",
@@ -292,7 +304,7 @@ class DevCluster:
             Component("kube-apiserver", [
                 str(bins["kube-apiserver"]),
                 f"--etcd-servers=http://127.0.0.1:{p['etcd']}",
-                "--bind-address=127.0.0.1", f"--secure-port={p['apiserver']}", "--insecure-port=0",
+                "--bind-address=127.0.0.1", f"--secure-port={p['apiserver']}",
                 "--advertise-address=127.0.0.1",
                 # No kube-proxy and loopback pod IPs: nothing would use the `kubernetes` Endpoints (and the
                 # API rejects loopback endpoint addresses), so do not maintain them.
@@ -310,22 +322,24 @@ class DevCluster:
             Component("kube-controller-manager", [
                 str(bins["kube-controller-manager"]), f"--kubeconfig={kc}",
                 f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
-                "--leader-elect=false", "--address=127.0.0.1", f"--port={p['controller_manager']}",
-                "--secure-port=0",
+                "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={p['controller_manager']}",
+                f"--cert-dir={d / 'pki' / 'controller-manager'}",
                 f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'ca.crt'}",
                 "--use-service-account-credentials=true",
                 f"--cluster-signing-cert-file={pki / 'ca.crt'}", f"--cluster-signing-key-file={pki / 'ca.key'}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 # `endpoint` off: the API rejects loopback addresses in Endpoints (the controller would only emit
                 # warning events); EndpointSlices accept them and are maintained.
-                ("--controllers=*,-endpoint,-nodeipam,-cloud-node-lifecycle,-route,-service,-attachdetach,"
-                 "-persistentvolume-expander"),
+                ("--controllers=*,-endpoints-controller,-node-ipam-controller,-cloud-node-lifecycle-controller,"
+                 "-node-route-controller,-service-lb-controller,-persistentvolume-attach-detach-controller,"
+                 "-persistentvolume-expander-controller"),
                 "--profiling=false", "--v=1",
             ], health=checks["kube-controller-manager"], start_timeout=60),
             Component("kube-scheduler", [
                 str(bins["kube-scheduler"]), f"--kubeconfig={kc}",
                 f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
-                "--leader-elect=false", "--address=127.0.0.1", f"--port={p['scheduler']}", "--secure-port=0",
+                "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={p['scheduler']}",
+                f"--cert-dir={d / 'pki' / 'scheduler'}",
                 "--profiling=false", "--v=1",
             ], health=checks["kube-scheduler"], start_timeout=60),
         ]
@@ -377,7 +391,7 @@ class DevCluster:
     def _up(self, nodes: int = 2, gpus_per_node: int = 2, with_operator: bool = False,
            cpus_per_node: str = "8", memory_per_node: str = "32Gi",
            operator_argv: list[str] | None = None, extra_crd_dirs: list[Path] | None = None,
-           owner_pid: int | None = None) -> None:
+           owner_pid: int | None = None, with_kueue: bool = False) -> None:
         """Start what is not running and healthy. `owner_pid`: a watchdog takes the cluster down when that
         process dies (test sessions killed by a signal would otherwise leave a whole control plane behind)."""
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -415,6 +429,8 @@ class DevCluster:
             self._save()
         for d in extra_crd_dirs or []:
             install_crd_files(self.api_client(), sorted(d.glob("*.yaml")) + sorted(d.glob("*.yml")))
+        if with_kueue:
+            self._up_kueue()
         if owner_pid is not None and self._alive("watchdog") is None:
             self._spawn(Component("watchdog", [
                 sys.executable, "-m", "kubeforge.devcluster.cluster", "watchdog", str(self.dir), str(owner_pid),
@@ -425,6 +441,41 @@ class DevCluster:
             _err("dev-cluster: starting operator")
             # KUBECONFIG only: the operator holds no data (S3) credentials.
             self._spawn(Component("operator", argv, env=self._pkg_env(), health=None, drop_env=DATA_CREDENTIALS))
+
+    def _up_kueue(self) -> None:
+        """Kueue's CRDs, webhooks and the manager process (see kueue.py); waits until its webhooks answer."""
+        from . import kueue
+
+        binary = assets.ensure_kueue()
+        module = assets.kueue_module_dir()
+        p = self.ports
+        api = self.api_client()
+        kueue.install(api, module, p["kueue_webhook"])
+        cfg = self.dir / "kueue" / "config.yaml"
+        cfg.parent.mkdir(parents=True, exist_ok=True)
+        cfg.write_text(yaml.safe_dump(kueue.configuration(
+            p["kueue_webhook"], p["kueue_health"], p["kueue_metrics"], self.dir / "kueue" / "certs")))
+        if self._alive("kueue") is None or not self._health_checks()["kueue"]():
+            if self._alive("kueue") is not None:
+                self._stop("kueue")
+            _err("dev-cluster: starting kueue")
+            # The on-demand visibility API server authenticates through in-cluster config only (its
+            # delegated authn has no kubeconfig flag), which a process outside a pod does not have.
+            self._spawn(Component("kueue", [str(binary), f"--config={cfg}", "--feature-gates=VisibilityOnDemand=false"],
+                                  env={"KUBECONFIG": str(self.kubeconfig)}, drop_env=DATA_CREDENTIALS))
+        # In a pod the cert Secret is a volume in certDir; here the CLI writes it there once Kueue filled it.
+        certs = self.dir / "kueue" / "certs"
+        deadline = time.monotonic() + 180
+        while not (kueue.mount_cert_secret(api, certs) and self._health_checks()["kueue"]()):
+            if self._alive("kueue") is None:
+                raise RuntimeError("kueue exited; see " + str(self.log_path("kueue")) + ":\n" + self._tail("kueue"))
+            if time.monotonic() > deadline:
+                raise RuntimeError("kueue not ready after 180s; see " + str(self.log_path("kueue")) + ":\n"
+                                   + self._tail("kueue"))
+            time.sleep(0.5)
+        kueue.wait_ready(api)
+        self.state["kueue"] = True
+        self._save()
 
     def start_process(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
         """Spawn an extra detached process against the cluster, tracked like a component (e.g. the operator).
@@ -530,7 +581,7 @@ class DevCluster:
 
     def install_crds(self, crd_dir: Path | None = None) -> list[str]:
         """Create-or-replace every CRD in crds/*.yaml with the Python client (see README of kueue-crds: the
-        v1.20 server drops CEL fields it does not know, and create avoids the last-applied annotation)."""
+        create avoids kubectl's last-applied annotation, which large CRDs overflow)."""
         root = repo_root()
         crd_dir = crd_dir or (root / "crds" if root else None)
         if crd_dir is None or not crd_dir.is_dir():
@@ -539,25 +590,36 @@ class DevCluster:
 
 
 def install_crd_files(api: Any, files: list[Path]) -> list[str]:
+    docs = [doc for f in files for doc in yaml.safe_load_all(f.read_text())]
+    return install_crd_files_docs(api, docs)
+
+
+def install_crd_files_docs(api: Any, docs: list[dict[str, Any]], keep_ca_bundle: bool = False) -> list[str]:
+    """Create or replace CRDs, then wait until they are Established. `keep_ca_bundle`: a conversion
+    webhook's caBundle already injected into the stored CRD (by the webhook's own cert manager) is kept."""
     from kubernetes import client
     from kubernetes.client.rest import ApiException
 
     ext = client.ApiextensionsV1Api(api)
     names: list[str] = []
-    for f in files:
-        for doc in yaml.safe_load_all(f.read_text()):
-            if not doc or doc.get("kind") != "CustomResourceDefinition":
-                continue
-            name = doc["metadata"]["name"]
-            try:
-                ext.create_custom_resource_definition(doc)
-            except ApiException as e:
-                if e.status != 409:
-                    raise RuntimeError(f"{f}: CRD {name}: {e.status} {e.reason}: {e.body}") from e
-                cur = ext.read_custom_resource_definition(name)
-                doc["metadata"]["resourceVersion"] = cur.metadata.resource_version
-                ext.replace_custom_resource_definition(name, doc)
-            names.append(name)
+    for doc in docs:
+        if not doc or doc.get("kind") != "CustomResourceDefinition":
+            continue
+        name = doc["metadata"]["name"]
+        try:
+            ext.create_custom_resource_definition(doc)
+        except ApiException as e:
+            if e.status != 409:
+                raise RuntimeError(f"CRD {name}: {e.status} {e.reason}: {e.body}") from e
+            cur = api.sanitize_for_serialization(ext.read_custom_resource_definition(name))
+            doc["metadata"]["resourceVersion"] = cur["metadata"]["resourceVersion"]
+            ca = (((cur["spec"].get("conversion") or {}).get("webhook") or {}).get("clientConfig") or {}).get(
+                "caBundle")
+            hook = (doc["spec"].get("conversion") or {}).get("webhook")
+            if keep_ca_bundle and ca and hook:
+                hook["clientConfig"]["caBundle"] = ca
+            ext.replace_custom_resource_definition(name, doc)
+        names.append(name)
     # Established before anyone creates objects of these kinds.
     deadline = time.monotonic() + 30
     for name in names:

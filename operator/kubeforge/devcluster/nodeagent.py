@@ -40,6 +40,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
 from . import podenv
+from .assets import K8S_VERSION as KUBELET_VERSION
 from .podenv import ConfigError
 from .procs import kill_group, proc_start_ticks
 from .proxy import ServiceProxy, target_port
@@ -168,7 +169,7 @@ def run_probe(probe: dict[str, Any], pod_ip: str, container: dict[str, Any], env
             else:
                 conn = http.client.HTTPConnection(host, port, timeout=timeout)
             headers = {h["name"]: h["value"] for h in hg.get("httpHeaders") or []}
-            headers.setdefault("User-Agent", "kube-probe/1.20")
+            headers.setdefault("User-Agent", f"kube-probe/{KUBELET_VERSION.lstrip('v').rsplit('.', 1)[0]}")
             try:
                 conn.request("GET", hg.get("path") or "/", headers=headers)
                 code = conn.getresponse().status
@@ -864,6 +865,25 @@ def _labels_match(selector: dict[str, str] | None, labels: dict[str, str] | None
     return all(labels.get(k) == v for k, v in selector.items())
 
 
+# A Service without a selector whose backend is a process on this machine (e.g. Kueue's webhook server): the
+# API server refuses loopback addresses in EndpointSlices, so the dev cluster reads them from this annotation,
+# "host:port" per Service port name ("name=host:port,..."; a bare "host:port" serves every port).
+HOST_BACKENDS_ANNOTATION = "devcluster.kubeforge.dev/host-backends"
+
+
+def host_backends(svc: dict[str, Any], port: dict[str, Any]) -> list[tuple[str, int]]:
+    spec = (svc["metadata"].get("annotations") or {}).get(HOST_BACKENDS_ANNOTATION) or ""
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, _, addr = item.rpartition("=")
+        if name and name != (port.get("name") or ""):
+            continue
+        host, _, p = addr.rpartition(":")
+        if host and p.isdigit():
+            out.append((host, int(p)))
+    return out
+
+
 def _pod_ready(pod: dict[str, Any]) -> bool:
     for c in (pod.get("status") or {}).get("conditions") or []:
         if c.get("type") == "Ready":
@@ -1008,8 +1028,8 @@ class NodeAgent:
             "nodeInfo": {
                 "machineID": name, "systemUUID": name, "bootID": self.boot_id,
                 "kernelVersion": os.uname().release, "osImage": "kubeforge dev-cluster (local processes)",
-                "containerRuntimeVersion": "devcluster://0", "kubeletVersion": "v1.20.2",
-                "kubeProxyVersion": "v1.20.2", "operatingSystem": "linux", "architecture": "amd64",
+                "containerRuntimeVersion": "devcluster://0", "kubeletVersion": KUBELET_VERSION,
+                "operatingSystem": "linux", "architecture": "amd64",
             },
         }
 
@@ -1088,6 +1108,8 @@ class NodeAgent:
         if svc is None:
             return []
         ns = key.split("/", 1)[0]
+        if not (svc.get("spec") or {}).get("selector"):
+            return host_backends(svc, port)
         pods = [p for p in list(self.pods.cache.values()) if p["metadata"]["namespace"] == ns]
         out = []
         for p in service_members(svc, running_pods_by_ns(pods).get(ns, [])):
@@ -1101,7 +1123,7 @@ class NodeAgent:
         for s in services:
             spec = s.get("spec") or {}
             ip = spec.get("clusterIP") or ""
-            if not ip.startswith("127.") or not (spec.get("selector") or s["metadata"]["name"] == "kubernetes"):
+            if not ip.startswith("127."):
                 continue
             key = f"{s['metadata']['namespace']}/{s['metadata']['name']}"
             for port in spec.get("ports") or []:
@@ -1119,7 +1141,9 @@ class NodeAgent:
     def _dns_loop(self) -> None:
         last = ""
         while not self.stop.is_set():
-            self.dns_dirty.wait()
+            # A ClusterIP the proxy could not bind (e.g. a previous cluster's listener still closing) is
+            # retried every second until it binds, not only on the next Service change.
+            self.dns_dirty.wait(timeout=1.0 if self.proxy.failed else None)
             time.sleep(0.05)  # coalesce bursts of watch events
             self.dns_dirty.clear()
             try:

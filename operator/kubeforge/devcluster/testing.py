@@ -189,12 +189,12 @@ class ClusterHandle:
         core.create_namespaced_secret(name, client.V1Secret(
             metadata=client.V1ObjectMeta(name=S3_SECRET), string_data=data))
 
-        # v1.20: pods are refused until the ServiceAccount token controller filled in the default SA.
+        # Pods are refused until the ServiceAccount controller created `default` (tokens are bound tokens,
+        # requested per pod; no token Secret is created on Kubernetes >= 1.24).
         def sa_ready() -> bool:
-            sa = core.read_namespaced_service_account("default", name)
-            return bool(sa.secrets)
+            return bool(core.read_namespaced_service_account("default", name))
 
-        wait_for(sa_ready, 30, what=f"default ServiceAccount token in {name}")
+        wait_for(sa_ready, 30, what=f"default ServiceAccount in {name}")
         return name
 
     def delete_namespace(self, name: str) -> None:
