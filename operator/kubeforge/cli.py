@@ -11,8 +11,12 @@ def _operator(argv: list[str]) -> int:
     parser.add_argument("--namespace", "-n", action="append", default=[],
                         help="watch only this namespace (repeatable); default: the whole cluster")
     parser.add_argument("--verbose", action="store_true")
-    parser.add_argument("--standalone", action="store_true", default=True,
-                        help="no peering between operator replicas (one active replica; the chart runs one)")
+    parser.add_argument("--peering", default=None, metavar="NAME",
+                        help="kopf peering name: of several replicas, the one with the highest --priority "
+                             "works and the others stand by (default: KUBEFORGE_PEERING; unset: standalone)")
+    parser.add_argument("--priority", type=int, default=None,
+                        help="peering priority; default: the start time in ms, so the newest replica (a "
+                             "rollout's new pod) takes over and the old one stands by until it exits")
     args = parser.parse_args(argv)
     import asyncio
     import logging
@@ -30,13 +34,25 @@ def _operator(argv: list[str]) -> int:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     liveness = f"http://0.0.0.0:{settings.liveness_port}/healthz" if settings.liveness_port else None
+    peering = args.peering or settings.peering
+    peering_args = (
+        {"peering_name": peering, "priority": args.priority if args.priority is not None else _start_priority()}
+        if peering else {"standalone": True}
+    )
     asyncio.run(kopf.operator(
-        standalone=args.standalone,
+        **peering_args,
         clusterwide=not namespaces,
         namespaces=namespaces,
         liveness_endpoint=liveness,
     ))
     return 0
+
+
+def _start_priority() -> int:
+    import random
+    import time
+
+    return int(time.time() * 1000) * 1000 + random.randrange(1000)  # newest first; ties are unlikely
 
 
 def _crdgen(argv: list[str]) -> int:

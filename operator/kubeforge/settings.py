@@ -22,10 +22,15 @@ class OperatorSettings(BaseSettings):
     """Default image of vLLM engine pods."""
     router_image: str = "ghcr.io/kubeforge/router:0.1.0"
     """Default image of router pods."""
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    """Secrets (names, JSON list) every workload pod pulls its images with, in the pod's own namespace."""
     python: str = "python"
     """Interpreter the rendered commands start (the images put kubeforge's on PATH)."""
     webhook: bool = False
     """Serve the validating admission webhook (needs a reachable address)."""
+    webhook_configuration: str = "validate.kubeforge.dev"
+    """ValidatingWebhookConfiguration the operator creates and keeps pointing at itself (dev clusters);
+    empty: someone else owns it (the Helm chart renders it with a Service clientConfig)."""
     webhook_host: str | None = None
     """Host name the API server uses to reach the webhook (e.g. the Service DNS name)."""
     webhook_listen: str = "0.0.0.0"
@@ -38,6 +43,10 @@ class OperatorSettings(BaseSettings):
     """TLS key of the webhook."""
     liveness_port: int | None = None
     """Serve kopf's /healthz on this port."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics at /metrics on this port."""
+    peering: str | None = None
+    """kopf peering name: replicas elect one active operator (the others stand by); unset: standalone."""
     gang_backoff_max_seconds: int = 300
     """Cap of the exponential backoff between gang restarts."""
     autoscale_interval_seconds: float = 10.0

@@ -1,234 +1,189 @@
-"""The Helm chart's static checks: they pass on the real chart and catch each kind of breakage."""
+"""The Helm chart, rendered and linted by real Helm (helm-python-sdk: Helm v4 as a library), for the
+default values and every documented option."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from kubeforge import helmcheck
-from kubeforge.controller.kube import RESOURCES, Resource
+
+PLURALS = ["pretrainjobs", "contextextensionjobs", "rljobs", "inferencedeployments"]
 
 
+def docs(values=None) -> list[dict]:
+    return helmcheck.render(values)
+
+
+def one(rendered: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [d for d in rendered if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, (kind, name, [d["metadata"]["name"] for d in found])
+    return found[0]
+
+
+def operator_container(rendered: list[dict]) -> dict:
+    return one(rendered, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_make_verify_check_passes():
+    assert helmcheck.main([]) == 0
+
+
+@pytest.mark.parametrize("case", sorted(helmcheck.VALUE_MATRIX))
+def test_helm_lint_strict_is_clean(case):
+    assert helmcheck.lint(helmcheck.VALUE_MATRIX[case]) == []
+
+
+@pytest.mark.parametrize("case", sorted(helmcheck.VALUE_MATRIX))
+def test_rendered_rbac_covers_what_the_operator_uses(case):
+    values = helmcheck.VALUE_MATRIX[case]
+    assert helmcheck.check_rbac(docs(values), (values.get("operator") or {}).get("namespaces") or []) == []
+
+
+def test_a_digest_tag_renders_a_digest_reference():
+    digest = "sha256:" + "ab" * 32
+    assert operator_container(docs({"image": {"tag": digest}}))["image"] == f"ghcr.io/kubeforge/operator@{digest}"
+    assert operator_container(docs({"image": {"tag": "1.2.3"}}))["image"] == "ghcr.io/kubeforge/operator:1.2.3"
+
+
+def test_the_webhook_configuration_is_the_charts_and_calls_the_service():
+    rendered = docs()
+    cfg = one(rendered, "ValidatingWebhookConfiguration")
+    service = one(rendered, "Service", "kubeforge-webhook")
+    secret = one(rendered, "Secret", "kubeforge-webhook-tls")
+    assert len(cfg["webhooks"]) == len(PLURALS)
+    for hook, plural in zip(cfg["webhooks"], PLURALS):
+        client = hook["clientConfig"]
+        assert "url" not in client
+        assert client["service"] == {"name": service["metadata"]["name"], "namespace": "kubeforge-system",
+                                     "port": 9443, "path": f"/validate-{plural}"}
+        assert client["caBundle"] == secret["data"]["ca.crt"]
+        assert [r["operations"] for r in hook["rules"]] == [["CREATE", "UPDATE"]]  # never DELETE
+        assert hook["rules"][0]["resources"] == [plural]
+        assert hook["failurePolicy"] == "Fail" and hook["sideEffects"] == "None"
+    env = {e["name"]: e.get("value") for e in operator_container(rendered)["env"]}
+    assert env["KUBEFORGE_WEBHOOK_CONFIGURATION"] == ""  # the operator does not create its own
+
+
+def test_the_operator_serves_the_paths_and_operations_the_chart_configures():
+    """kopf's own registry, in a process started the way the chart starts the operator."""
+    code = ("import kopf, json, kubeforge.controller.handlers;"
+            "r = kopf.get_default_registry();"
+            "print(json.dumps({h.id: sorted(h.operations or ['*']) for h in r._webhooks.get_all_handlers()}))")
+    env = {**os.environ, "KUBEFORGE_WEBHOOK": "true", "KUBEFORGE_WEBHOOK_CONFIGURATION": ""}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == {f"validate-{p}": ["CREATE", "UPDATE"] for p in PLURALS}
+
+
+def test_webhook_certificate_from_cert_manager_or_an_own_secret():
+    rendered = docs({"webhook": {"certificate": "certManager"}})
+    cfg = one(rendered, "ValidatingWebhookConfiguration")
+    assert cfg["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == "kubeforge-system/kubeforge-webhook"
+    assert one(rendered, "Certificate")["spec"]["secretName"] == "kubeforge-webhook-tls"
+    own = docs({"webhook": {"certificate": "secret", "secretName": "mine", "caBundle": "Zm9v"}})
+    assert not [d for d in own if d["kind"] == "Secret"]
+    assert one(own, "ValidatingWebhookConfiguration")["webhooks"][0]["clientConfig"]["caBundle"] == "Zm9v"
+    volumes = one(own, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "webhook-tls", "secret": {"secretName": "mine"}} in volumes
+
+
+def test_replicas_peer_roll_without_a_gap_and_are_ready_only_when_serving_admission():
+    rendered = docs()
+    dep = one(rendered, "Deployment")
+    assert dep["spec"]["replicas"] == 2
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate",
+                                       "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    c = operator_container(rendered)
+    assert c["readinessProbe"]["tcpSocket"] == {"port": "webhook"}
+    assert {e["name"]: e.get("value") for e in c["env"]}["KUBEFORGE_PEERING"] == "kubeforge"
+    assert one(rendered, "ClusterKopfPeering")["metadata"]["name"] == "kubeforge"
+    assert one(rendered, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+
+
+def test_standalone_is_one_replica_and_two_are_refused():
+    dep = one(docs({"replicaCount": 1, "peering": {"enabled": False}}), "Deployment")
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    with pytest.raises(Exception, match="replicaCount must be 1"):
+        docs({"replicaCount": 2, "peering": {"enabled": False}})
+
+
+def test_rbac_reads_no_configmap_it_did_not_create_and_can_set_owner_references():
+    role = one(docs(), "ClusterRole", "kubeforge")
+    by = helmcheck.rules_by_resource([role])
+    assert by[("", "configmaps")] == {"get", "create", "patch", "delete"}  # no cluster-wide list/watch
+    assert by[("kubeforge.dev", "pretrainjobs/finalizers")] == {"update"}
+
+
+def test_watching_namespaces_grants_roles_there_not_cluster_wide():
+    rendered = docs({"operator": {"namespaces": ["team-a", "team-b"]}})
+    cluster = helmcheck.rules_by_resource([one(rendered, "ClusterRole", "kubeforge")])
+    assert ("", "pods") not in cluster and ("kubeforge.dev", "pretrainjobs") not in cluster
+    roles = {d["metadata"]["namespace"] for d in rendered if d["kind"] == "Role"}
+    bindings = {d["metadata"]["namespace"] for d in rendered if d["kind"] == "RoleBinding"}
+    assert roles == bindings == {"team-a", "team-b"}
+    assert {d["metadata"]["namespace"] for d in rendered if d["kind"] == "KopfPeering"} == {"team-a", "team-b"}
+    hook = one(rendered, "ValidatingWebhookConfiguration")["webhooks"][0]
+    assert hook["namespaceSelector"]["matchExpressions"][0]["values"] == ["team-a", "team-b"]
+
+
+def test_user_roles_aggregate_into_the_built_in_ones():
+    rendered = docs()
+    editor, viewer = one(rendered, "ClusterRole", "kubeforge-editor"), one(rendered, "ClusterRole", "kubeforge-viewer")
+    assert editor["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert viewer["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert "create" in editor["rules"][0]["verbs"] and set(viewer["rules"][0]["verbs"]) == {"get", "list", "watch"}
+
+
+def test_metrics_service_and_service_monitor():
+    rendered = docs({"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}})
+    svc = one(rendered, "Service", "kubeforge-metrics")
+    assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
+    sm = one(rendered, "ServiceMonitor")
+    assert sm["metadata"]["labels"]["release"] == "prom"
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    env = {e["name"]: e.get("value") for e in operator_container(rendered)["env"]}
+    assert env["KUBEFORGE_METRICS_PORT"] == "8081"
+
+
+def test_workload_images_and_pull_secrets_reach_the_operator():
+    env = {e["name"]: e.get("value") for e in operator_container(docs(helmcheck.VALUE_MATRIX["mirror"]))["env"]}
+    assert env["KUBEFORGE_TRAINER_IMAGE"] == "mirror.corp/ml/trainer:0.1.0"
+    assert env["KUBEFORGE_SERVE_IMAGE"] == "mirror.corp/ml/vllm-serve:0.1.0"
+    assert json.loads(env["KUBEFORGE_IMAGE_PULL_SECRETS"]) == ["corp-registry"]
+
+
+# --- the checks catch breakage -----------------------------------------------------------------------------
 @pytest.fixture
 def chart(tmp_path: Path) -> Path:
-    """A copy of the chart (and of the repository's crds/ beside it) to break."""
     dst = tmp_path / "kubeforge"
     shutil.copytree(helmcheck.CHART_DIR, dst)
-    shutil.copytree(helmcheck.CRD_DIR, tmp_path / "crds")
     return dst
 
 
-def _edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text, f"{old!r} not in {path}"
-    path.write_text(text.replace(old, new, 1))
+def test_a_rule_the_operator_needs_going_missing_is_reported(chart):
+    helpers = chart / "templates" / "_helpers.tpl"
+    helpers.write_text(helpers.read_text().replace('verbs: ["get", "list", "create", "patch", "delete"]',
+                                                   'verbs: ["get", "create", "patch", "delete"]'))
+    errors = helmcheck.check_rbac(helmcheck.render(chart=chart), [])
+    assert any("lacks ['list'] on deployments" in e for e in errors), errors
 
 
-def _values(chart: Path, **patch) -> None:
+def test_a_values_error_is_reported_by_helm(chart):
     values = yaml.safe_load((chart / "values.yaml").read_text())
-    for dotted, value in patch.items():
-        node = values
-        *parents, last = dotted.split("__")
-        for p in parents:
-            node = node[p]
-        node[last] = value
-    (chart / "values.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    values["webhook"]["failurePolicy"] = "Sometimes"
+    (chart / "values.yaml").write_text(yaml.safe_dump(values))
+    assert helmcheck.lint(chart=chart)
 
 
-def _errors(report: helmcheck.Report) -> str:
-    return "\n".join(report.errors)
-
-
-# --- the real chart ----------------------------------------------------------------------------------------
-def test_the_real_chart_passes_every_check():
-    report = helmcheck.check_all()
-    assert report.ok, _errors(report)
-
-
-def test_main_exits_zero_on_the_real_chart(capsys):
-    assert helmcheck.main([]) == 0
-    assert "ok" in capsys.readouterr().out
-
-
-def test_the_copy_fixture_passes(chart):
-    report = helmcheck.check_all(chart, chart.parent / "crds")
-    assert report.ok, _errors(report)
-
-
-def test_templates_reduce_to_the_expected_documents():
-    report = helmcheck.Report()
-    kinds = sorted(d["kind"] for t in helmcheck.load_templates(helmcheck.CHART_DIR, report) for d in t.docs)
-    assert report.ok, _errors(report)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount"]
-
-
-def test_every_operator_resource_is_required():
-    need = helmcheck.required_permissions()
-    for res in RESOURCES.values():
-        assert (res.group, res.plural) in need
-    assert ("kueue.x-k8s.io", "workloads") in need
-    assert need[("", "pods")] >= {"get", "patch"}  # what the per-job Roles grant
-
-
-# --- breakage is caught --------------------------------------------------------------------------------------
-def test_values_outside_the_schema_bounds(chart):
-    _values(chart, operator__resyncSeconds=0, image__pullPolicy="Sometimes")
-    errors = _errors(helmcheck.check_values_schema(chart))
-    assert "values.yaml: image.pullPolicy" in errors
-    assert "values.yaml: operator.resyncSeconds" in errors
-
-
-def test_value_of_the_wrong_type(chart):
-    _values(chart, webhook__port="9443")
-    assert "values.yaml: webhook.port" in _errors(helmcheck.check_values_schema(chart))
-
-
-def test_value_the_schema_does_not_describe(chart):
-    _values(chart, podSecurityContext__sysctls=[])
-    errors = _errors(helmcheck.check_values_schema(chart))
-    assert "podSecurityContext.sysctls is not described" in errors
-
-
-def test_schema_property_without_description_or_bounds(chart):
-    schema = json.loads((chart / "values.schema.json").read_text())
-    del schema["properties"]["operator"]["properties"]["resyncSeconds"]["description"]
-    del schema["properties"]["webhook"]["properties"]["port"]["maximum"]
-    (chart / "values.schema.json").write_text(json.dumps(schema))
-    errors = _errors(helmcheck.check_values_schema(chart))
-    assert "operator.properties.resyncSeconds has no description" in errors
-    assert "webhook.properties.port is numeric without minimum and maximum" in errors
-
-
-def test_broken_values_yaml_is_reported_not_raised(chart):
-    (chart / "values.yaml").write_text("image: [unclosed\n")
-    report = helmcheck.check_all(chart, chart.parent / "crds")
-    assert not report.ok
-
-
-def test_template_referencing_a_missing_value(chart):
-    _edit(chart / "templates/deployment.yaml", "{{ .Values.operator.resyncSeconds | quote }}",
-          "{{ .Values.operator.resyncSecs | quote }}")
-    errors = _errors(helmcheck.check_value_references(chart))
-    assert "templates/deployment.yaml: .Values.operator.resyncSecs is not in values.yaml" in errors
-    assert "values.yaml: operator.resyncSeconds is used by no template" in errors
-
-
-def test_value_no_template_uses(chart):
-    _values(chart, operator__leaderElection=True)
-    assert "operator.leaderElection is used by no template" in _errors(helmcheck.check_value_references(chart))
-
-
-def test_clusterrole_missing_a_resource(chart):
-    _edit(chart / "templates/clusterrole.yaml", '"services", "configmaps", "serviceaccounts"',
-          '"services", "serviceaccounts"')
-    errors = _errors(helmcheck.check_rbac(chart))
-    assert "lacks ['create', 'delete', 'get', 'patch'] on configmaps" in errors
-
-
-def test_clusterrole_missing_a_verb(chart):
-    _edit(chart / "templates/clusterrole.yaml", 'resources: ["pods"]\n    verbs: ["get", "list", "watch",',
-          'resources: ["pods"]\n    verbs: ["get", "list",')
-    assert "lacks ['watch'] on pods" in _errors(helmcheck.check_rbac(chart))
-
-
-def test_clusterrole_missing_the_kueue_workload_status(chart):
-    _edit(chart / "templates/clusterrole.yaml", 'resources: ["workloads/status"]', 'resources: []')
-    assert "on workloads/status" in _errors(helmcheck.check_rbac(chart))
-
-
-def test_a_resource_the_operator_starts_using_needs_a_rule(chart):
-    resources = {**RESOURCES, "Job": Resource("batch", "v1", "jobs")}
-    errors = _errors(helmcheck.check_rbac(chart, resources))
-    assert "on jobs (apiGroup 'batch')" in errors
-
-
-def test_wildcards_and_peering_are_refused(chart):
-    _edit(chart / "templates/clusterrole.yaml", 'resources: ["namespaces"]',
-          'resources: ["namespaces", "*", "clusterkopfpeerings"]')
-    errors = _errors(helmcheck.check_rbac(chart))
-    assert "grants a wildcard" in errors
-    assert "grants kopf peering (clusterkopfpeerings)" in errors
-
-
-def test_webhook_rights_only_with_the_webhook(chart):
-    path = chart / "templates/clusterrole.yaml"
-    _edit(path, "  {{- if .Values.webhook.enabled }}\n  # kopf", "  # kopf")
-    _edit(path, "  {{- end }}\n---", "---")
-    errors = _errors(helmcheck.check_rbac(chart))
-    assert "validatingwebhookconfigurations is granted without `if .Values.webhook.enabled`" in errors
-
-
-def test_indentation_error_in_a_static_part(chart):
-    _edit(chart / "templates/deployment.yaml", "          livenessProbe:\n            httpGet:",
-          "          livenessProbe:\n          httpGet:\n              path: /x")
-    errors = _errors(helmcheck.check_template_syntax(chart))
-    assert "templates/deployment.yaml:" in errors and "do not parse as YAML" in errors
-
-
-def test_unclosed_and_unopened_blocks(chart):
-    _edit(chart / "templates/webhook-service.yaml", "{{- end }}", "")
-    _edit(chart / "templates/serviceaccount.yaml", "{{- if .Values.serviceAccount.create }}", "")
-    errors = _errors(helmcheck.check_template_syntax(chart))
-    assert "templates/webhook-service.yaml:1: `{{ if .Values.webhook.enabled }}` is never closed" in errors
-    assert "templates/serviceaccount.yaml" in errors and "`end` without an open block" in errors
-
-
-def test_include_of_an_undefined_template(chart):
-    _edit(chart / "templates/serviceaccount.yaml", '"kubeforge.labels"', '"kubeforge.label"')
-    assert 'include "kubeforge.label" names no' in _errors(helmcheck.check_template_syntax(chart))
-
-
-def test_env_var_that_is_no_operator_setting(chart):
-    _edit(chart / "templates/deployment.yaml", "name: KUBEFORGE_RESYNC_SECONDS", "name: KUBEFORGE_RESYNC")
-    report = helmcheck.check_deployment(chart)
-    assert "env KUBEFORGE_RESYNC is no field" in _errors(report)
-    assert any("KUBEFORGE_RESYNC_SECONDS is not exposed" in w for w in report.warnings)
-
-
-def test_deployment_must_be_a_single_standalone_replica(chart):
-    _edit(chart / "templates/deployment.yaml", "replicas: 1", "replicas: 2")
-    assert "replicas must be 1" in _errors(helmcheck.check_deployment(chart))
-
-
-def test_chart_yaml_fields(chart):
-    _edit(chart / "Chart.yaml", "version: 0.1.0", "version: 1")
-    _edit(chart / "Chart.yaml", "apiVersion: v2", "apiVersion: v1")
-    errors = _errors(helmcheck.check_chart_yaml(chart))
-    assert "apiVersion must be v2" in errors
-    assert "version 1 is not SemVer" in errors
-
-
-def test_crd_drift(chart):
-    crd_dir = chart.parent / "crds"
-    first = min((chart / "crds").glob("*.yaml"))
-    first.write_bytes(first.read_bytes() + b"\n")
-    (crd_dir / "extra.kubeforge.dev.yaml").write_text("{}\n")
-    errors = _errors(helmcheck.check_crds(chart, crd_dir))
-    assert f"chart crds/{first.name} differs" in errors
-    assert "crds/extra.kubeforge.dev.yaml is missing from the chart" in errors
-
-
-def test_main_exits_non_zero_with_messages(chart, capsys):
-    _values(chart, operator__livenessPort=80)
-    assert helmcheck.main(["--chart", str(chart), "--crds", str(chart.parent / "crds")]) == 1
-    err = capsys.readouterr().err
-    assert "helmcheck: error: values.yaml: operator.livenessPort" in err
-
-
-def test_default_workload_images_match_the_operator_defaults(chart):
-    _values(chart, workloads__registry="registry.example/kf")
-    errors = _errors(helmcheck.check_deployment(chart))
-    assert "KUBEFORGE_TRAINER_IMAGE renders 'registry.example/kf/trainer:0.1.0' by default" in errors
-
-
-def test_rules_the_operator_grants_must_be_held(chart, monkeypatch):
-    from kubeforge.controller import serving
-
-    assert helmcheck.required_permissions()[("", "pods")] >= {"get", "list", "watch", "patch"}
-    monkeypatch.setattr(serving, "router_rbac", lambda obj: [
-        {"kind": "Role", "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]}])
-    assert "lacks ['get'] on secrets" in _errors(helmcheck.check_rbac(chart))
+def test_crd_drift_is_reported(chart):
+    crd = chart / "crds" / "pretrainjobs.kubeforge.dev.yaml"
+    crd.write_text(crd.read_text() + "\n# edited\n")
+    assert helmcheck.check_crds(chart) == [
+        "chart crds/pretrainjobs.kubeforge.dev.yaml differs from crds/pretrainjobs.kubeforge.dev.yaml (run `make generate`)"]

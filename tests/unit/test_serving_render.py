@@ -166,9 +166,6 @@ def test_children_are_deterministic():
 
 @pytest.mark.parametrize(("connector", "role", "kv_role"), [
     ("NixlConnector", "prefill", "kv_both"), ("NixlConnector", "decode", "kv_both"),
-    ("P2pNcclConnector", "prefill", "kv_producer"), ("P2pNcclConnector", "decode", "kv_consumer"),
-    ("LMCacheConnectorV1", "prefill", "kv_producer"), ("LMCacheConnectorV1", "decode", "kv_consumer"),
-    ("MooncakeConnector", "prefill", "kv_producer"), ("MooncakeConnector", "decode", "kv_consumer"),
 ])
 def test_kv_transfer_config_per_connector_and_role(connector, role, kv_role):
     obj = _obj(with_(VLLM_PD, "spec.kvTransfer", {"connector": connector, "failurePolicy": "fail",
@@ -230,12 +227,12 @@ def test_vllm_side_channel_env_and_ports(deployment):
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8000, "nixl": 5600}
 
 
-def test_side_channel_port_follows_the_spec_and_other_connectors_have_none():
+def test_side_channel_port_follows_the_spec_and_aggregated_pools_have_none():
     obj = _obj(with_(VLLM_PD, "spec.kvTransfer", {"sideChannelPort": 7100}))
     env = {e["name"]: e for e in container(obj, "llm-decode")["env"]}
     assert env["VLLM_NIXL_SIDE_CHANNEL_PORT"]["value"] == "7100"
-    obj = _obj(with_(VLLM_PD, "spec.kvTransfer", {"connector": "MooncakeConnector"}))
-    assert "VLLM_NIXL_SIDE_CHANNEL_HOST" not in {e["name"] for e in container(obj, "llm-decode")["env"]}
+    agg = container(VLLM_AGG, "agg")
+    assert "VLLM_NIXL_SIDE_CHANNEL_HOST" not in {e["name"] for e in agg["env"]}
 
 
 @pytest.mark.parametrize(("deployment", "gpus"), [("llm-prefill", "1"), ("llm-decode", "2")])

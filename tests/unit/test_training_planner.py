@@ -135,7 +135,8 @@ def test_all_pods_running_is_running():
     p = plan(ctx(job({"phase": "Starting", "gangCreatedAt": rfc3339(T0)})), Observed(pods=gang()), T0)
     assert p.status.phase == "Running" and p.status.start_time == rfc3339(T0)
     assert cond(p.status, "Admitted").reason == "GangScheduled" and cond(p.status, "Running").status == "True"
-    assert cond(p.status, "Ready").status == "False" and cond(p.status, "Reconciling").status == "True"
+    # converged: kstatus Current while the job runs (Ready is for the finished job)
+    assert cond(p.status, "Ready").status == "False" and cond(p.status, "Reconciling").status == "False"
 
 
 # --- failures --------------------------------------------------------------------------------------------

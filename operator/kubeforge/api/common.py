@@ -117,8 +117,8 @@ class Toleration(ApiModel):
 class PodTemplate(ApiModel):
     """What every pod of a role gets: image, compute resources, env and placement."""
 
-    image: str = Field(default="ghcr.io/kubeforge/trainer:0.1.0", min_length=1, max_length=512)
-    """Container image with kubeforge's runtime installed."""
+    image: str | None = Field(default=None, min_length=1, max_length=512)
+    """Container image with kubeforge's runtime; default: the operator's image for the role (chart values)."""
     requests: dict[str, Quantity] = Field(default_factory=dict)
     """Resource requests per pod, e.g. cpu, memory, nvidia.com/gpu."""
     limits: dict[str, Quantity] = Field(default_factory=dict)

@@ -349,10 +349,10 @@ class Pool(PodTemplate):
 class KVTransferSpec(ApiModel):
     """KV-cache hand-off from prefill to decode."""
 
-    connector: Literal[
-        "NixlConnector", "P2pNcclConnector", "LMCacheConnectorV1", "MooncakeConnector", "Reference"
-    ] = "NixlConnector"
-    """vLLM KV connector; Reference is kubeforge's HTTP hand-off for the reference engine."""
+    connector: Literal["NixlConnector", "Reference"] = "NixlConnector"
+    """NixlConnector (vllm) or Reference (reference engine): the router implements their flow only."""
+    # P2pNcclConnector, LMCacheConnectorV1 and MooncakeConnector need a proxy kubeforge's router is not
+    # (concurrent prefill/decode legs, bootstrap parameters), so they are refused rather than half-rendered.
     failure_policy: Literal["fail", "recompute"] = "recompute"
     """On a failed KV load: fail the request, or recompute the prefill on the decode pod."""
     side_channel_port: int = Field(default=5600, ge=1024, le=65535)
@@ -395,8 +395,8 @@ class InferenceDeploymentSpec(ApiModel):
     """Model name clients send; defaults to the object's name."""
     max_model_len: int | None = Field(default=None, ge=16, le=1 << 24)
     """Context length limit of the engines."""
-    block_size: int | None = Field(default=None, ge=1, le=1024)
-    """KV-cache block size in tokens."""
+    block_size: Literal[1, 8, 16, 32, 64, 128, 256] | None = None
+    """KV-cache block size in tokens (the sizes vLLM accepts)."""
     pool: Pool | None = None
     """The single pool when aggregated."""
     prefill: Pool | None = None

@@ -18,6 +18,9 @@ SUSPENDED = "Suspended"
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 
+# one condition per type, as metav1.Condition lists are (server-side apply merges them by type)
+CONDITIONS_LIST = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
+
 JobPhase = Literal["Pending", "Queued", "Starting", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
 ServingPhase = Literal["Pending", "WaitingForModel", "Progressing", "Ready", "Degraded", "Failed"]
 
@@ -147,7 +150,7 @@ class JobStatus(StatusModel):
 
     phase: JobPhase | None = None
     """Pending, Queued, Starting, Running, Restarting, Suspended, Succeeded or Failed."""
-    conditions: list[Condition] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list, json_schema_extra=CONDITIONS_LIST)
     """Latest observations; Ready/Reconciling/Stalled follow kstatus."""
     observed_generation: int | None = None
     """metadata.generation the status reflects."""
@@ -201,7 +204,7 @@ class ServingStatus(StatusModel):
 
     phase: ServingPhase | None = None
     """Pending, WaitingForModel, Progressing, Ready, Degraded or Failed."""
-    conditions: list[Condition] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list, json_schema_extra=CONDITIONS_LIST)
     """Latest observations; Ready is True only when a request can be served."""
     observed_generation: int | None = None
     """metadata.generation the status reflects."""

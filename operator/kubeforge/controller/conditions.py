@@ -66,7 +66,12 @@ def set_kstatus(
     conditions: list[Condition], *, ready: bool, reconciling: bool, stalled: bool, reason: str, message: str,
     generation: int | None, now: datetime,
 ) -> bool:
-    """Ready / Reconciling / Stalled together, the way kstatus (Argo CD, Flux) reads them."""
+    """Ready / Reconciling / Stalled together, the way kstatus (Argo CD, Flux) reads them.
+
+    kstatus: Reconciling means the controller is still converging; Stalled that it has given up. An object
+    is never both, so Stalled wins.
+    """
+    reconciling = reconciling and not stalled
     changed = set_condition(conditions, READY, ready, reason, message, generation, now)
     changed |= set_condition(conditions, RECONCILING, reconciling, reason, message if reconciling else "", generation, now)
     changed |= set_condition(conditions, STALLED, stalled, reason, message if stalled else "", generation, now)

@@ -1,16 +1,23 @@
 """kopf wiring: thin handlers that hand every event to the Reconciler.
 
 kopf knows nothing of desired vs actual state, so convergence is driven by triggers that all run the same
-idempotent reconcile: an event on the object; events on its pods, folded into one reconcile a moment later
-(a gang's pods emit dozens in a burst); the `requeue_after` a reconcile asks for (a deadline, a backoff, a
-schedule timeout); and a slow safety-net timer (KUBEFORGE_RESYNC_SECONDS) for anything missed.
-No handler needs a finalizer: children are owned (garbage-collected) and nothing lives outside the cluster.
+idempotent reconcile, on the requeue workers (controller/requeue.py): an event on the object; events on its
+pods, folded into one reconcile a moment later (a gang's pods emit dozens in a burst); the `requeue_after` a
+reconcile asks for (a deadline, a backoff, a schedule timeout); and a slow safety-net resync
+(KUBEFORGE_RESYNC_SECONDS) for anything missed.
+
+No finalizer, ever: children are owned (garbage-collected) and nothing lives outside the cluster, so an
+object (or its namespace) deletes with the operator down or uninstalled. That is why the resync is one
+loop over kopf indices of the objects rather than a `kopf.timer`: kopf puts a finalizer on every object a
+timer or daemon serves. Objects that an older kubeforge marked with that finalizer lose it on first sight.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +28,7 @@ from kubeforge.api.registry import KINDS
 from kubeforge.api.validation import validate
 from kubeforge.settings import OperatorSettings
 
+from . import metrics
 from .kube import Kube
 from .reconciler import Reconciler
 from .requeue import Requeue
@@ -41,10 +49,25 @@ def reconciler() -> Reconciler:
     return _reconciler
 
 
+def _reconcile_now(key: Any) -> float | None:
+    """One reconcile on a requeue worker, counted and timed; a failure is retried by the scheduler."""
+    kind, namespace, name = key
+    started = time.monotonic()
+    try:
+        after = reconciler().reconcile(kind, namespace, name)
+    except Exception:
+        metrics.RECONCILES.labels(kind, "error").inc()
+        raise
+    finally:
+        metrics.RECONCILE_SECONDS.labels(kind).observe(time.monotonic() - started)
+    metrics.RECONCILES.labels(kind, "ok").inc()
+    return after
+
+
 def requeue() -> Requeue:
     global _requeue
     if _requeue is None:
-        _requeue = Requeue(lambda key: reconciler().reconcile(*key), workers=8)  # type: ignore[misc]
+        _requeue = Requeue(_reconcile_now, workers=8)
     return _requeue
 
 
@@ -74,7 +97,8 @@ def tune(settings: kopf.OperatorSettings) -> None:
         settings.admission.server = kopf.WebhookServer(
             addr=SETTINGS.webhook_listen, port=SETTINGS.webhook_port, host=host,
             certfile=certfile, pkeyfile=keyfile)
-        settings.admission.managed = f"validate.{GROUP}"
+        if SETTINGS.webhook_configuration:  # dev clusters; the chart owns its configuration (service, caBundle)
+            settings.admission.managed = SETTINGS.webhook_configuration
 
 
 @kopf.on.startup()
@@ -101,23 +125,78 @@ def _register(kind_name: str, plural: str) -> None:
         if errors:
             raise kopf.AdmissionError("; ".join(str(e) for e in errors), code=422)
 
-    def on_event(name: str | None, namespace: str | None, type: str | None, **_: Any) -> None:
+    def on_event(body: kopf.Body, name: str | None, namespace: str | None, type: str | None, **_: Any) -> None:
         if name and namespace and type != "DELETED":
+            drop_legacy_finalizer(kind_name, dict(body))
             _reconcile(kind_name, namespace, name)
 
-    def on_timer(name: str | None, namespace: str | None, **_: Any) -> None:
-        if name and namespace:
-            _reconcile(kind_name, namespace, name)
+    def index(body: kopf.Body, name: str | None, namespace: str | None, **_: Any) -> dict[Any, Any] | None:
+        return {(namespace, name): metrics.summary(kind_name, dict(body))} if name and namespace else None
 
     if SETTINGS.webhook:  # kopf refuses admission handlers without a server to serve them
-        kopf.on.validate(GROUP, VERSION, plural, id=f"validate-{plural}")(admit)
+        # never DELETE: an object that today's rules reject must still be deletable
+        kopf.on.validate(GROUP, VERSION, plural, id=f"validate-{plural}", operations=["CREATE", "UPDATE"])(admit)
     kopf.on.event(GROUP, VERSION, plural, id=f"event-{plural}")(on_event)
-    kopf.timer(GROUP, VERSION, plural, id=f"resync-{plural}", interval=SETTINGS.resync_seconds,
-               sharp=False)(on_timer)
+    kopf.index(GROUP, VERSION, plural, id=index_id(plural))(index)
+
+
+def index_id(plural: str) -> str:
+    return f"{plural}_index"
+
+
+LEGACY_FINALIZER = f"{GROUP}/finalizer"  # what kopf.timer made kopf add, up to kubeforge 0.1.0
+
+
+def drop_legacy_finalizer(kind: str, body: dict[str, Any]) -> None:
+    meta = body.get("metadata") or {}
+    finalizers = meta.get("finalizers") or []
+    if LEGACY_FINALIZER not in finalizers:
+        return
+    from .kube import RESOURCES
+
+    rest = [f for f in finalizers if f != LEGACY_FINALIZER]
+    # resourceVersion makes the patch fail rather than drop a finalizer another controller just added
+    reconciler().kube.merge_patch(RESOURCES[kind], meta["namespace"], meta["name"],
+                                  {"metadata": {"finalizers": rest or None, "resourceVersion": meta["resourceVersion"]}})
+
+
+def resync_once(indices: list[Any]) -> int:
+    """Queue a reconcile of every known object (the requeue workers run them); the number queued."""
+    keys = list(index_entries(indices))
+    for (namespace, name), summary in keys:
+        _reconcile(summary["kind"], namespace, name)
+    return len(keys)
+
+
+def index_entries(indices: list[Any]) -> list[tuple[tuple[str, str], dict[str, Any]]]:
+    """(namespace, name) -> summary of every object kopf has seen and not seen deleted."""
+    return [(key, next(iter(values))) for index in indices for key, values in list(index.items()) if values]
+
+
+async def resync_loop(indices: list[Any], interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        resync_once(indices)
 
 
 for _kind in KINDS:
     _register(_kind.kind, _kind.plural)
+
+
+@kopf.on.startup(id="resync")
+async def start_resync(memo: kopf.Memo, **kwargs: Any) -> None:
+    """Every object reconciled at least every resync_seconds, besides on events (kopf indices are live)."""
+    indices = [kwargs[index_id(k.plural)] for k in KINDS]
+    if SETTINGS.metrics_port:
+        metrics.serve(SETTINGS.metrics_port, lambda: index_entries(indices))
+    memo["resync"] = asyncio.create_task(resync_loop(indices, SETTINGS.resync_seconds), name="kubeforge-resync")
+
+
+@kopf.on.cleanup(id="stop-resync")
+async def stop_resync(memo: kopf.Memo, **_: Any) -> None:
+    task = memo.get("resync")
+    if task is not None:
+        task.cancel()
 
 
 @kopf.on.event("", "v1", "pods", labels={contract.LABEL_JOB_KIND: kopf.PRESENT, contract.LABEL_JOB_NAME: kopf.PRESENT})

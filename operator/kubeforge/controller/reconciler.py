@@ -203,6 +203,7 @@ class Reconciler:
             data_secret_name=spec.data.secret_ref.name if spec.data and spec.data.secret_ref else None,
             grace_seconds=spec.run_policy.termination_grace_period_seconds,
             entrypoint=getattr(spec, "entrypoint", None),
+            default_image=self.settings.trainer_image, image_pull_secrets=tuple(self.settings.image_pull_secrets),
         )
         labelled = self.kube.list(RESOURCES["Pod"], ns, selector(obj))
         observed = Observed(pods=[p for p in labelled if owned_by(obj, p)],

@@ -65,6 +65,7 @@ from .children import (
 )
 from .conditions import find, parse_time, rfc3339, set_kstatus
 from .kube import RESOURCES, resource_for
+from .podsecurity import harden
 from .reconciler import merge_patch_diff
 from .training import Event, Source
 
@@ -161,7 +162,9 @@ def template_hash(template: dict[str, Any]) -> str:
 
 
 def _image(pool: Pool, engine: str, settings: OperatorSettings) -> str:
-    if "image" in pool.model_fields_set:
+    """The pool's image, else the operator's for the engine (the CRD defaults none, so this holds for
+    objects as the API server stores them)."""
+    if pool.image:
         return pool.image
     return settings.serve_image if engine == "vllm" else settings.trainer_image
 
@@ -274,6 +277,7 @@ def engine_deployment(
         "automountServiceAccountToken": False,  # engines never talk to the API server
         **placement(pool),
     }
+    harden(pod_spec, settings.image_pull_secrets)
     # a big model may load for as long as the startup probe allows; the rollout deadline leaves room for it
     deadline = vllm.STARTUP_PERIOD_S * vllm.STARTUP_FAILURES + 600 if spec.engine == "vllm" else 600
     return _deployment(obj, deployment_name(obj, pool_name), pool_name, pod_spec, replicas, deadline)
@@ -318,6 +322,7 @@ def router_deployment(
         "containers": [container],
         "terminationGracePeriodSeconds": ROUTER_DRAIN_S + 10,
     }
+    harden(pod_spec, settings.image_pull_secrets)
     return _deployment(obj, deployment_name(obj, ROUTER), ROUTER, pod_spec, replicas)
 
 

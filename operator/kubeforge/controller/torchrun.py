@@ -29,6 +29,7 @@ from .children import (
     s3_env,
     spec_config_map,
 )
+from .podsecurity import harden
 
 ROLE = "worker"
 SPEC_VOLUME = "kubeforge-spec"
@@ -56,6 +57,8 @@ class TorchrunGang:
     data_secret_name: str | None = None  # data.secretRef, likewise
     grace_seconds: int = GRACE_SECONDS  # runPolicy.terminationGracePeriodSeconds
     entrypoint: EntrypointSpec | None = None  # the user's own script instead of `module`
+    default_image: str = "ghcr.io/kubeforge/trainer:0.1.0"  # when resources.image is unset (the operator's)
+    image_pull_secrets: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -150,7 +153,7 @@ class TorchrunGang:
         spec_path = f"{contract.SPEC_MOUNT_DIR}/{contract.SPEC_FILE_NAME}"
         container = {
             "name": "trainer",
-            "image": res.image,
+            "image": res.image or self.default_image,
             "command": self.command(rank),
             "env": [
                 {"name": contract.ENV_JOB, "value": f"{self.namespace}/{self.name}"},
@@ -192,6 +195,7 @@ class TorchrunGang:
             ],
             **placement(res),
         }
+        harden(pod_spec, list(self.image_pull_secrets))
         if scheduler:
             pod_spec["schedulerName"] = scheduler
         if extra.get("nodeSelector"):

@@ -515,7 +515,9 @@ class _Planner:
         set_kstatus(
             conds,
             ready=phase == "Succeeded",
-            reconciling=phase not in ("Succeeded", "Failed", "Suspended"),
+            # a running job is where its spec says it should be: converged (kstatus Current), so a Flux
+            # `wait` or an Argo CD sync finishes instead of blocking for the whole run
+            reconciling=phase in ("Pending", "Queued", "Starting", "Restarting"),
             stalled=phase == "Failed",
             reason=phase,
             message=msg,

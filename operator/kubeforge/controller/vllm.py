@@ -10,12 +10,14 @@ and its integration scripts):
 
 KVTransferConfig fields used: `kv_connector`, `kv_role` (kv_producer | kv_consumer | kv_both),
 `kv_buffer_device` (cuda | cpu), `kv_load_failure_policy` (recompute | fail). NixlConnector is symmetric
-(every instance runs `kv_both`; the proxy's kv_transfer_params decide who prefills); the push-style
-connectors (P2pNccl, LMCache, Mooncake) take kv_producer on prefill and kv_consumer on decode.
+(every instance runs `kv_both`; the proxy's kv_transfer_params decide who prefills).
 
 kubeforge's router drives the pull flow NixlConnector uses (the prefill response's kv_transfer_params go
-to the decode request); P2pNccl, LMCache and Mooncake additionally need their own proxy or store settings
-(env and extraArgs), which kubeforge does not render.
+to the decode request). The push-style connectors (P2pNccl, LMCache, Mooncake) need a proxy kubeforge does
+not have (concurrent legs, bootstrap parameters), so the API refuses them.
+
+The flags are those of one vLLM release, VLLM_VERSION: the vllm-serve image is built on it and the tests
+check every rendered command line against that release's own argument parser (tests/data/).
 
 NIXL's handshake runs over a side channel: `VLLM_NIXL_SIDE_CHANNEL_HOST` must be an address the peer
 engines can reach (the pod IP, from the downward API) and `VLLM_NIXL_SIDE_CHANNEL_PORT` a port free in the
@@ -28,6 +30,9 @@ import json
 from typing import Any
 
 from kubeforge.api.kinds import InferenceDeploymentSpec, Pool
+
+# The vLLM release the vllm-serve image pins (images/vllm-serve/Dockerfile) and the flags below are for.
+VLLM_VERSION = "0.18.0"
 
 # vLLM roles of a pool, by kubeforge pool name.
 ROLE_PREFILL, ROLE_DECODE, ROLE_BOTH = "prefill", "decode", "both"
@@ -137,6 +142,7 @@ def vllm_probes() -> dict[str, Any]:
 
 __all__ = [
     "GRACE_SECONDS",
+    "VLLM_VERSION",
     "PRESTOP_SLEEP_S",
     "SHUTDOWN_TIMEOUT_S",
     "http_probe",
