@@ -41,7 +41,7 @@ from ..report import Progress, Reporter, now_rfc3339, sink_from_env, write_termi
 from ..training import InvalidSpec, build_optimizer, build_scheduler
 from . import algorithms as alg
 from . import rewards
-from .policy import Completion, completion_logprobs, pack, sample
+from .policy import Completion, completion_logprobs, model_device, pack, sample
 
 log = logging.getLogger("kubeforge.rl")
 
@@ -324,8 +324,9 @@ class Learner:
         loss_value = 0.0
         self.model.train()
         if kept:
-            rewards_t = torch.tensor(kept_rewards)
-            batch = pack([c.prompt_ids for c in kept], [c.completion_ids for c in kept], self.pad_id)
+            dev = model_device(self.model)
+            rewards_t = torch.tensor(kept_rewards, device=dev)
+            batch = pack([c.prompt_ids for c in kept], [c.completion_ids for c in kept], self.pad_id, dev)
             with torch.no_grad():
                 old_lp, old_values = logprobs_and_values(self.model, batch, temperature)
                 ref_lp = completion_logprobs(self.reference, batch, temperature) if self.reference is not None \

@@ -37,7 +37,12 @@ class Batch:
     prompt_len: int
 
 
-def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Batch:
+def model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+         device: torch.device | str | None = None) -> Batch:
     p = max(len(x) for x in prompts)
     t = max(1, max(len(x) for x in completions))
     n = len(prompts)
@@ -51,6 +56,8 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) ->
             ids[i, p:p + len(co)] = torch.tensor(co, dtype=torch.long)
             attn[i, p:p + len(co)] = 1
             cmask[i, :len(co)] = 1
+    if device is not None:  # built on the host, moved once (a GPU learner trains on the device)
+        ids, attn, cmask = ids.to(device), attn.to(device), cmask.to(device)
     return Batch(ids, attn, cmask, p)
 
 
@@ -84,27 +91,32 @@ def sample(model: Any, prompts: list[list[int]], group_size: int, max_new_tokens
     for row, (_, p) in enumerate(expanded):
         ids[row, plen - len(p):] = torch.tensor(p)
         attn[row, plen - len(p):] = 1
+    dev = model_device(model)
+    ids, attn = ids.to(dev), attn.to(dev)
     cache = DynamicCache()
     pos = (attn.cumsum(dim=1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
     logits = out.logits[:, -1].float()
-    done = torch.zeros(n, dtype=torch.bool)
+    done = torch.zeros(n, dtype=torch.bool, device=dev)
     gen: list[list[int]] = [[] for _ in range(n)]
     lps: list[list[float]] = [[] for _ in range(n)]
     next_pos = pos[:, -1] + 1
     for _ in range(max_new_tokens):
         if temperature > 0:
             logp = torch.log_softmax(logits / temperature, dim=-1)
-            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+            # drawn on the host with the host generator, so a run samples the same tokens on CPU and GPU and
+            # the generator's state (checkpointed with the learner) means the same thing on both
+            tok = torch.multinomial(logp.exp().cpu(), 1, generator=generator).squeeze(1).to(dev)
         else:
             logp = torch.log_softmax(logits, dim=-1)
             tok = logp.argmax(dim=-1)
-        chosen = logp.gather(1, tok.unsqueeze(1)).squeeze(1)
+        chosen = logp.gather(1, tok.unsqueeze(1)).squeeze(1).tolist()
+        tok_host, done_host = tok.tolist(), done.tolist()
         for row in range(n):
-            if not done[row]:
-                gen[row].append(int(tok[row]))
-                lps[row].append(float(chosen[row]))
-                if int(tok[row]) == eos_id:
+            if not done_host[row]:
+                gen[row].append(tok_host[row])
+                lps[row].append(chosen[row])
+                if tok_host[row] == eos_id:
                     done[row] = True
         if bool(done.all()):
             break
