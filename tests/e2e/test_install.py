@@ -163,21 +163,26 @@ def test_chart_install_trains_serves_upgrades_and_deletes_without_the_operator(
 def _run(release: Release, cluster: ClusterHandle, jobs: Jobs, namespace: str) -> None:
     from kubernetes.client.exceptions import ApiException
 
-    # the chart's webhook (Service clientConfig, the chart's certificate) refuses an invalid spec
-    bad = copy.deepcopy(example("pretrain-tiny.yaml"))
-    bad["metadata"]["name"] = "bad"
-    bad["spec"]["training"]["microBatchSize"] = 3  # does not divide globalBatchSize
-    bad["metadata"]["namespace"] = namespace
+    # the chart's webhook (Service clientConfig, the chart's certificate) refuses what the CRD's CEL rules
+    # cannot: a change inside model.config (CEL would compare its JSON numbers by type, not value)
+    held = copy.deepcopy(example("pretrain-tiny.yaml"))
+    held["metadata"].update(name="held", namespace=namespace)
+    held["spec"]["runPolicy"]["suspend"] = True
+    held["spec"]["checkpoint"]["uri"] = f"s3://kubeforge/checkpoints/{namespace}/held"
+    Kube(cluster.api_client()).create(held)
+    attempt = iter(range(1000))
 
     def refused() -> str | None:
+        size = 64 + 8 * (next(attempt) + 1)  # a new value each try: a change even if an earlier try got in
         try:
-            Kube(cluster.api_client()).create(bad)
+            Kube(cluster.api_client()).merge_patch(RESOURCES["PretrainJob"], namespace, "held",
+                                                   {"spec": {"model": {"config": {"hidden_size": size}}}})
         except ApiException as e:
             return e.body if e.status in (400, 422) and "admission webhook" in (e.body or "") else None
-        Kube(cluster.api_client()).delete(RESOURCES["PretrainJob"], namespace, "bad")
         return None
 
-    assert "spec.training" in wait(refused, 60, "the chart's webhook to refuse an invalid spec")
+    assert "spec.model: is immutable" in wait(refused, 60, "the chart's webhook to refuse a model change")
+    Kube(cluster.api_client()).delete(RESOURCES["PretrainJob"], namespace, "held")
 
     job = copy.deepcopy(example("pretrain-tiny.yaml"))
     job["spec"]["training"]["totalSteps"] = 20

@@ -100,3 +100,7 @@ def test_disaggregated_job_adds_a_rollout_pool_to_the_gang() -> None:
     assert services["rl-rollout"]["spec"]["clusterIP"] == "None"
     sets = {s.name: s.count for s in builder.pod_sets(0)}
     assert sets == {"worker": 1, "rollout": 2}
+    # the CRD defaults no image: the engines run the operator's image, and they are Pod Security restricted
+    for c in [*engine["spec"]["initContainers"], *engine["spec"]["containers"]]:
+        assert c["image"] == builder.default_image and c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert engine["spec"]["securityContext"]["runAsNonRoot"] is True

@@ -142,8 +142,9 @@ def test_grpo_learns_addition_and_resumes(s3_env: dict[str, str], s3_client: Any
     assert first.wait() == 143, first.output()[-3000:]
     stopped = first.progress()[-1]
     assert stopped["step"] >= 25 and stopped["rl"]["policyVersion"] == stopped["step"]
-    assert stopped["rl"]["rewardCurve"][0]["reward"] < 0.2, stopped["rl"]["rewardCurve"]  # the base policy
-    assert stopped["rl"]["initialReward"] == stopped["rl"]["rewardCurve"][0]["reward"]
+    # the base policy's reward, recorded at step 1 (the curve keeps only recent points: by the time the
+    # SIGTERM lands its first point may be later than step 1 on a fast or a slow machine alike)
+    assert stopped["rl"]["initialReward"] < 0.2, stopped["rl"]
 
     second = Run(tmp_path, "run2", job, s3_env)
     assert second.wait() == 0, second.output()[-3000:]

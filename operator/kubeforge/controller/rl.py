@@ -15,6 +15,7 @@ from .. import contract
 from . import gang, kueue
 from .children import child_name, downward_env, headless_service, metadata, placement, resources_block, s3_env
 from .kube import RESOURCES
+from .podsecurity import harden
 from .torchrun import TorchrunGang
 
 RUNTIME_MODULE = "kubeforge.runtime.rl.learner"
@@ -116,11 +117,12 @@ class RLGang(TorchrunGang):
         secret = (model.get("secretRef") or {}).get("name") or self.secret_name
         env, env_from = s3_env(secret, self.s3_endpoint)
         volume = {"name": "model", "mountPath": "/models"}
-        fetch = {"name": "fetch-model", "image": ro.resources.image, "volumeMounts": [volume],
+        image = ro.resources.image or self.default_image  # the CRD defaults none: the operator's image
+        fetch = {"name": "fetch-model", "image": image, "volumeMounts": [volume],
                  "command": [self.python, "-m", "kubeforge.runtime.fetch", model["uri"], ROLLOUT_MODEL_DIR],
                  "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, *env], "envFrom": env_from}
         engine = {
-            "name": "engine", "image": ro.resources.image, "volumeMounts": [volume],
+            "name": "engine", "image": image, "volumeMounts": [volume],
             "command": [self.python, "-m", "kubeforge.runtime.serve.engine", "--model", ROLLOUT_MODEL_DIR,
                         "--served-model-name", "policy", "--host", f"$({contract.ENV_POD_IP})",
                         "--port", str(ENGINE_PORT), "--engine-id", f"$({contract.ENV_POD_NAME})",
@@ -139,6 +141,7 @@ class RLGang(TorchrunGang):
             pod_spec["schedulerName"] = scheduler
         if extra.get("nodeSelector"):
             pod_spec["nodeSelector"] = {**pod_spec.get("nodeSelector", {}), **extra["nodeSelector"]}
+        harden(pod_spec, list(self.image_pull_secrets))  # Pod Security restricted, as the learners
         return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
 
     def pod_sets(self, attempt: int) -> list[kueue.PodSet]:
