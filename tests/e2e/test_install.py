@@ -169,7 +169,17 @@ def _run(release: Release, cluster: ClusterHandle, jobs: Jobs, namespace: str) -
     held["metadata"].update(name="held", namespace=namespace)
     held["spec"]["runPolicy"]["suspend"] = True
     held["spec"]["checkpoint"]["uri"] = f"s3://kubeforge/checkpoints/{namespace}/held"
-    Kube(cluster.api_client()).create(held)
+
+    def created() -> bool:  # the webhook answers (Fail policy) once the operator serves it
+        try:
+            Kube(cluster.api_client()).create(held)
+            return True
+        except ApiException as e:
+            if e.status < 500:
+                raise
+            return False
+
+    wait(created, 60, "the chart's webhook to admit a valid job")
     attempt = iter(range(1000))
 
     def refused() -> str | None:
@@ -182,7 +192,7 @@ def _run(release: Release, cluster: ClusterHandle, jobs: Jobs, namespace: str) -
         return None
 
     assert "spec.model: is immutable" in wait(refused, 60, "the chart's webhook to refuse a model change")
-    Kube(cluster.api_client()).delete(RESOURCES["PretrainJob"], namespace, "held")
+    # `held` stays (suspended, nothing runs): the webhook is asked again after the upgrade
 
     job = copy.deepcopy(example("pretrain-tiny.yaml"))
     job["spec"]["training"]["totalSteps"] = 20

@@ -100,7 +100,9 @@ class StopFlag:
 # ---------------------------------------------------------------------------------------------- setup
 
 
-def load_job(path: str | None = None) -> tuple[dict[str, Any], PretrainJobSpec]:
+def load_job_as(spec_model: Any, path: str | None = None) -> tuple[dict[str, Any], Any]:
+    """The job object the operator mounted, its spec parsed as `spec_model`; InvalidSpec (exit 78, with the
+    field path) when it cannot be read or parsed. Shared by every training runtime."""
     from pydantic import ValidationError
 
     path = path or os.environ.get(contract.ENV_SPEC_FILE) or os.path.join(contract.SPEC_MOUNT_DIR,
@@ -112,12 +114,16 @@ def load_job(path: str | None = None) -> tuple[dict[str, Any], PretrainJobSpec]:
     if not isinstance(job, dict) or not isinstance(job.get("spec"), dict):
         raise InvalidSpec(f"{path} holds no job object with a spec")
     try:
-        spec = PretrainJobSpec.model_validate(job["spec"])
+        spec = spec_model.model_validate(job["spec"])
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(x) for x in ("spec", *first["loc"]))
         raise InvalidSpec(f"{first['msg']} ({exc.error_count()} errors)", loc) from exc
     return job, spec
+
+
+def load_job(path: str | None = None) -> tuple[dict[str, Any], PretrainJobSpec]:
+    return load_job_as(PretrainJobSpec, path)  # type: ignore[no-any-return]
 
 
 def check_spec(spec: PretrainJobSpec, world_size: int) -> TrainPlan:

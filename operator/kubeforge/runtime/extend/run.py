@@ -156,22 +156,9 @@ def carried_records(saved: list[dict[str, Any]] | None, planned: list[dict[str, 
 
 
 def load_job(path: str | None = None) -> tuple[dict[str, Any], ContextExtensionJobSpec]:
-    from pydantic import ValidationError
+    from kubeforge.runtime.pretrain import load_job_as
 
-    path = path or os.environ.get(contract.ENV_SPEC_FILE) or os.path.join(contract.SPEC_MOUNT_DIR,
-                                                                          contract.SPEC_FILE_NAME)
-    try:
-        job = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise InvalidSpec(f"cannot read the job file {path}: {exc}") from exc
-    if not isinstance(job, dict) or not isinstance(job.get("spec"), dict):
-        raise InvalidSpec(f"{path} holds no job object with a spec")
-    try:
-        spec = ContextExtensionJobSpec.model_validate(job["spec"])
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise InvalidSpec(f"{first['msg']} ({exc.error_count()} errors)",
-                          ".".join(str(x) for x in ("spec", *first["loc"]))) from exc
+    job, spec = load_job_as(ContextExtensionJobSpec, path)
     if spec.model.uri is None:
         raise InvalidSpec("model.uri (or model.from, resolved by the operator) is required", "spec.model")
     return job, spec

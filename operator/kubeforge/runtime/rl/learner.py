@@ -26,7 +26,6 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ... import contract
@@ -54,22 +53,9 @@ CURVE_POINTS = 32
 
 
 def load_job(path: str | None = None) -> tuple[dict[str, Any], RLJobSpec]:
-    from pydantic import ValidationError
+    from kubeforge.runtime.pretrain import load_job_as
 
-    path = path or os.environ.get(contract.ENV_SPEC_FILE) or os.path.join(contract.SPEC_MOUNT_DIR,
-                                                                          contract.SPEC_FILE_NAME)
-    try:
-        job = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise InvalidSpec(f"cannot read the job file {path}: {exc}") from exc
-    if not isinstance(job, dict) or not isinstance(job.get("spec"), dict):
-        raise InvalidSpec(f"{path} holds no job object with a spec")
-    try:
-        spec = RLJobSpec.model_validate(job["spec"])
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise InvalidSpec(f"{first['msg']} ({exc.error_count()} errors)",
-                          ".".join(str(x) for x in ("spec", *first["loc"]))) from exc
+    job, spec = load_job_as(RLJobSpec, path)
     return job, spec
 
 
