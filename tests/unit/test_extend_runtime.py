@@ -169,6 +169,13 @@ def test_three_stages_kill_in_stage_two_resume_evals_and_export(s3_env: dict[str
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.max_position_embeddings == 1024
     assert json.loads((out / "extension.json").read_text())["stages"][2]["seqLen"] == 1024
+    # provenance: the source model (it has none of its own), every stage's evals, the final loss
+    prov = json.loads((out / "kubeforge-provenance.json").read_text())
+    assert (prov["kind"], prov["uid"], prov["steps"]) == ("ContextExtensionJob", "11111111-2222", 11)
+    assert prov["source"] == {"uri": f"s3://{bucket}/models/tiny", "provenance": None}
+    assert [e["seqLen"] for e in prov["evals"]["stages"]] == [256, 512, 1024]
+    assert prov["evals"]["needleScore"] == last["stages"][2]["evals"]["needleScore"]
+    assert prov["metrics"]["loss"] == pytest.approx(done["loss"], rel=1e-5)
     assert (out / "evals" / "stage-1" / "niah.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "evals" / "stage-3" / "evals.json").read_text())["seqLen"] == 1024
     for n in (1, 2, 3):

@@ -123,8 +123,48 @@ def test_no_handler_puts_a_finalizer_on_kubeforge_objects():
     """kopf adds its finalizer for timers, daemons and deletion handlers: none may exist."""
     facts = _registry_facts({"KUBEFORGE_WEBHOOK": "true"})
     assert facts["spawning"] == [] and facts["finalizing"] == []
-    assert facts["indices"] == sorted(f"{p}_index" for p in
-                                      ("pretrainjobs", "contextextensionjobs", "rljobs", "inferencedeployments"))
+    plurals = ("pretrainjobs", "contextextensionjobs", "rljobs", "inferencedeployments")
+    assert facts["indices"] == sorted([*(f"{p}_index" for p in plurals), *(f"{p}_consumers" for p in plurals)])
+
+
+def test_a_finished_or_deleted_source_reconciles_its_consumers_at_once(monkeypatch):
+    """model.from hand-offs are event-driven: the consumers of a source that succeeded, failed or went are
+    reconciled on its event, found through the per-kind model.from indices (not at their next poll)."""
+    from kubeforge.controller import handlers
+
+    def body(kind: str, source: tuple[str, str] | None, phase: str | None = None) -> dict:
+        model = {"from": {"kind": source[0], "name": source[1]}} if source else {"uri": "s3://b/m"}
+        return {"kind": kind, "spec": {"model": model}, "status": {"phase": phase} if phase else {}}
+
+    assert handlers.model_from_key(body("RLJob", ("ContextExtensionJob", "long")), "ns") == (
+        "ns", "ContextExtensionJob", "long")
+    assert handlers.model_from_key(body("RLJob", None), "ns") is None
+    assert handlers.model_from_key({"kind": "PretrainJob", "spec": {"entrypoint": {}}}, "ns") is None
+    indices = {
+        "rljobs_consumers": {("ns", "ContextExtensionJob", "long"): [("RLJob", "rl")]},
+        "inferencedeployments_consumers": {("ns", "ContextExtensionJob", "long"): [("InferenceDeployment", "a")],
+                                           ("other", "ContextExtensionJob", "long"): [("InferenceDeployment", "b")]},
+        "pretrainjobs_index": {("ns", "x"): [{}]},
+    }
+    assert handlers.consumers_of(indices, "ns", "ContextExtensionJob", "long") == [
+        ("InferenceDeployment", "a"), ("RLJob", "rl")]
+    assert handlers.consumers_of(indices, "ns", "PretrainJob", "long") == []
+
+    # the event handler of the source's kind: consumers go on a finished source, not on a running one
+    seen: list[tuple[str, str, str]] = []
+    monkeypatch.setattr(handlers, "_reconcile", lambda kind, ns, name: seen.append((kind, ns, name)))
+    (on_event,) = [h.fn for h in kopf.get_default_registry()._watching.get_all_handlers()
+                   if h.id == "event-contextextensionjobs"]
+    meta = {"name": "long", "namespace": "ns"}
+    for phase, type_, expected in (("Running", "MODIFIED", []),
+                                   ("Succeeded", "MODIFIED", [("InferenceDeployment", "ns", "a"), ("RLJob", "ns", "rl")]),
+                                   ("Failed", None, [("InferenceDeployment", "ns", "a"), ("RLJob", "ns", "rl")]),
+                                   ("Running", "DELETED", [("InferenceDeployment", "ns", "a"), ("RLJob", "ns", "rl")])):
+        seen.clear()
+        on_event(body={"metadata": meta, **body("ContextExtensionJob", None, phase)}, name="long", namespace="ns",
+                 type=type_, **indices)
+        own = [] if type_ == "DELETED" else [("ContextExtensionJob", "ns", "long")]
+        assert seen == own + expected, (phase, type_)
 
 
 def test_the_resync_reconciles_every_indexed_object(monkeypatch):

@@ -416,6 +416,12 @@ def test_train_preempt_kill_resume_and_export(s3_env: dict[str, str], bucket: st
     store.download_final(local)
     model = AutoModelForCausalLM.from_pretrained(str(local))
     assert_export_is_the_trained_model(store, 60, model, tmp_path)
+    # its provenance: the job, trained from scratch (no source) on the corpus, and its last loss
+    prov = json.loads((local / "kubeforge-provenance.json").read_text())
+    assert (prov["kind"], prov["name"], prov["uid"]) == ("PretrainJob", "tiny", job["metadata"]["uid"])
+    assert prov["source"] is None and prov["data"] == [corpus_uri] and prov["steps"] == 60
+    assert prov["tokens"] == 60 * 8 * 64 and prov["metrics"]["loss"] == pytest.approx(result["loss"], rel=1e-5)
+    assert prov["output"] == result["outputUri"] and prov["created"].endswith("Z")
     tok = AutoTokenizer.from_pretrained(str(local))
     ids = tok("The capital of ", return_tensors="pt").input_ids
     with torch.no_grad():

@@ -155,9 +155,18 @@ def test_grpo_learns_addition_and_resumes(s3_env: dict[str, str], s3_client: Any
     assert curve_mean(final["rl"]["rewardCurve"]) > 0.7, final["rl"]["rewardCurve"]
     assert final["rl"]["rewardFailures"] == 0 and final["rl"]["droppedStale"] == 0
     assert final["rl"]["initialReward"] == stopped["rl"]["initialReward"]  # kept across the resume
-    steps = [c.step for c in CheckpointStore(f"s3://{bucket}/ckpt", client=make_client(env=s3_env))
-             .committed_checkpoints()]
+    store = CheckpointStore(f"s3://{bucket}/ckpt", client=make_client(env=s3_env))
+    steps = [c.step for c in store.committed_checkpoints()]
     assert steps[-1] == 100
+    # provenance of the exported policy: the base model it started from, the prompts, the rewards
+    store.download_final(tmp_path / "final")
+    prov = json.loads((tmp_path / "final" / "kubeforge-provenance.json").read_text())
+    assert (prov["kind"], prov["name"], prov["steps"]) == ("RLJob", "rl", 100)
+    assert prov["source"]["uri"] == model_uri and prov["data"] == [data_uri]
+    assert prov["metrics"]["initialReward"] == stopped["rl"]["initialReward"]
+    assert prov["metrics"]["reward"] == pytest.approx(final["reward"], rel=1e-5)
+    assert prov["evals"]["rewardCurve"] == final["rl"]["rewardCurve"]
+    assert prov["evals"]["reward"] == "verifiable:exact_match"
 
 
 def test_disaggregated_learner_pushes_weights_to_a_real_engine_and_stops_it(

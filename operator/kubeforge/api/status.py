@@ -145,6 +145,24 @@ class Output(StatusModel):
     """s3:// URI of the Hugging Face-format model directory."""
 
 
+class SourceRef(StatusModel):
+    """The model.from output this object consumed, pinned the first time it was resolved: a re-created source
+    of the same name never changes what an object that started from it uses."""
+
+    kind: str
+    """Kind of the producing object."""
+    name: str
+    """Name of the producing object."""
+    uid: str | None = None
+    """metadata.uid of the producing object when its output was taken."""
+    generation: int | None = None
+    """metadata.generation of the producing object when its output was taken."""
+    uri: str
+    """The producing object's status.output.uri at that time: what this object uses."""
+    resolved_at: str | None = None
+    """When it was pinned."""
+
+
 class JobStatus(StatusModel):
     """Observed state of a training job."""
 
@@ -170,6 +188,8 @@ class JobStatus(StatusModel):
     """No new gang is created before this time."""
     resolved_model_uri: str | None = None
     """The model URI after resolving model.from."""
+    source: SourceRef | None = None
+    """model.from: the source output consumed (kind, name, uid, generation, uri), pinned at first resolution."""
     progress: Progress | None = None
     """Progress reported by rank 0."""
     rl: RLStatus | None = None
@@ -199,6 +219,16 @@ class PoolStatus(StatusModel):
     """When the autoscaler last changed desiredReplicas."""
 
 
+class ServedModel(StatusModel):
+    """What the engines serve, as their model fetch found it."""
+
+    uri: str | None = None
+    """s3:// URI of the model directory served."""
+    provenance: dict[str, Any] | None = Field(default=None, json_schema_extra=FREE_FORM)
+    """Summary of the model folder's kubeforge-provenance.json (kind, name, uid, steps, final loss or
+    reward, evals, created) and its source chain; absent when the folder has none."""
+
+
 class ServingStatus(StatusModel):
     """Observed state of an InferenceDeployment."""
 
@@ -210,6 +240,10 @@ class ServingStatus(StatusModel):
     """metadata.generation the status reflects."""
     resolved_model_uri: str | None = None
     """The model URI after resolving model.from."""
+    source: SourceRef | None = None
+    """model.from: the source output served (kind, name, uid, generation, uri), pinned at first resolution."""
+    model: ServedModel | None = None
+    """The model served and its provenance."""
     endpoint: str | None = None
     """In-cluster base URL of the OpenAI-compatible API."""
     ready_pools: str | None = None

@@ -3,7 +3,8 @@
 kopf knows nothing of desired vs actual state, so convergence is driven by triggers that all run the same
 idempotent reconcile, on the requeue workers (controller/requeue.py): an event on the object; events on its
 pods, folded into one reconcile a moment later (a gang's pods emit dozens in a burst); the `requeue_after` a
-reconcile asks for (a deadline, a backoff, a schedule timeout); and a slow safety-net resync
+reconcile asks for (a deadline, a backoff, a schedule timeout); a source of model.from that succeeded, failed
+or went, for the objects that wait on it (kopf indices of model.from); and a slow safety-net resync
 (KUBEFORGE_RESYNC_SECONDS) for anything missed.
 
 No finalizer, ever: children are owned (garbage-collected) and nothing lives outside the cluster, so an
@@ -125,10 +126,19 @@ def _register(kind_name: str, plural: str) -> None:
         if errors:
             raise kopf.AdmissionError("; ".join(str(e) for e in errors), code=422)
 
-    def on_event(body: kopf.Body, name: str | None, namespace: str | None, type: str | None, **_: Any) -> None:
+    def on_event(body: kopf.Body, name: str | None, namespace: str | None, type: str | None,
+                 **kwargs: Any) -> None:
         if name and namespace and type != "DELETED":
             drop_legacy_finalizer(kind_name, dict(body))
             _reconcile(kind_name, namespace, name)
+        if name and namespace and (type == "DELETED" or (body.get("status") or {}).get("phase") in HANDOFF_PHASES):
+            # the objects whose model.from names this one hand off now, not at their next poll
+            for kind, consumer in consumers_of(kwargs, namespace, kind_name, name):
+                _reconcile(kind, namespace, consumer)
+
+    def model_from(body: kopf.Body, name: str | None, namespace: str | None, **_: Any) -> dict[Any, Any] | None:
+        key = model_from_key(dict(body), namespace)
+        return {key: (kind_name, name)} if key and name else None
 
     def index(body: kopf.Body, name: str | None, namespace: str | None, **_: Any) -> dict[Any, Any] | None:
         return {(namespace, name): metrics.summary(kind_name, dict(body))} if name and namespace else None
@@ -138,10 +148,38 @@ def _register(kind_name: str, plural: str) -> None:
         kopf.on.validate(GROUP, VERSION, plural, id=f"validate-{plural}", operations=["CREATE", "UPDATE"])(admit)
     kopf.on.event(GROUP, VERSION, plural, id=f"event-{plural}")(on_event)
     kopf.index(GROUP, VERSION, plural, id=index_id(plural))(index)
+    kopf.index(GROUP, VERSION, plural, id=consumers_index_id(plural))(model_from)
 
 
 def index_id(plural: str) -> str:
     return f"{plural}_index"
+
+
+def consumers_index_id(plural: str) -> str:
+    return f"{plural}_consumers"
+
+
+# a source in one of these phases ends its consumers' wait (Succeeded: they start; Failed: they fail)
+HANDOFF_PHASES = ("Succeeded", "Failed")
+
+
+def model_from_key(body: dict[str, Any], namespace: str | None) -> tuple[str, str, str] | None:
+    """(namespace, source kind, source name) of an object's spec.model.from, or None."""
+    ref = ((body.get("spec") or {}).get("model") or {}).get("from") or {}
+    if not namespace or not ref.get("kind") or not ref.get("name"):
+        return None
+    return namespace, str(ref["kind"]), str(ref["name"])
+
+
+def consumers_of(indices: dict[str, Any], namespace: str, kind: str, name: str) -> list[tuple[str, str]]:
+    """(kind, name) of every object whose model.from names kind/name in the namespace, from kopf's
+    model.from indices (one per kind, injected into handlers by id)."""
+    out: list[tuple[str, str]] = []
+    for k in KINDS:
+        index = indices.get(consumers_index_id(k.plural))
+        if index is not None:
+            out.extend(index.get((namespace, kind, name), ()))
+    return sorted(set(out))
 
 
 LEGACY_FINALIZER = f"{GROUP}/finalizer"  # what kopf.timer made kopf add, up to kubeforge 0.1.0

@@ -16,7 +16,7 @@ from kubeforge.api.status import CheckpointRef, JobStatus, ServingStatus
 from kubeforge.api.validation import parse_spec, validate
 from kubeforge.settings import OperatorSettings
 
-from . import kueue, pods
+from . import kueue, lineage, pods
 from .children import owned_by, selector
 from .conditions import set_kstatus
 from .kube import RESOURCES, Kube, Resource, resource_for
@@ -145,19 +145,14 @@ class Reconciler:
 
     # --- model.from ----------------------------------------------------------------------------------
     def resolve_source(self, obj: dict[str, Any], model: Any) -> Source:
+        """model.from: the pinned output if this object resolved it before, else the source's output now
+        (and its pin), or why it waits or fails (controller/lineage.py)."""
         ref = model.from_
         if ref is None:
             return Source(uri=model.uri)
-        src = self.kube.get(RESOURCES[ref.kind], obj["metadata"]["namespace"], ref.name)
-        if src is None:
-            return Source(waiting=f"waiting for {ref.kind} {ref.name} to exist (model.from)")
-        phase = (src.get("status") or {}).get("phase")
-        uri = ((src.get("status") or {}).get("output") or {}).get("uri")
-        if phase == "Failed":
-            return Source(failed=f"{ref.kind} {ref.name} failed, so model.from has no output")
-        if phase != "Succeeded" or not uri:
-            return Source(waiting=f"waiting for {ref.kind} {ref.name} to succeed (model.from; now {phase or 'Pending'})")
-        return Source(uri=uri)
+        pinned = lineage.pinned_source(obj.get("status"), ref.kind, ref.name)
+        src = None if pinned else self.kube.get(RESOURCES[ref.kind], obj["metadata"]["namespace"], ref.name)
+        return lineage.resolve(ref.kind, ref.name, obj.get("status"), src, self.clock())
 
     def resolved_spec(self, spec: Any, source: Source) -> dict[str, Any]:
         wire = spec.to_wire()
@@ -185,7 +180,7 @@ class Reconciler:
 
             judge_url, judge_waiting = judge_endpoint(self.kube, obj, spec)
             if judge_waiting and not (source.waiting or source.failed):
-                source = Source(waiting=judge_waiting)
+                source = Source(waiting=judge_waiting, reason="WaitingForJudge")
             resolved = with_judge_url(resolved, judge_url)
         secret = spec.checkpoint.secret_ref.name if spec.checkpoint.secret_ref else None
         gang_class: Any = TorchrunGang

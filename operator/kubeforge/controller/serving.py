@@ -47,7 +47,7 @@ from typing import Any
 
 from kubeforge import contract
 from kubeforge.api.kinds import InferenceDeploymentSpec, Pool
-from kubeforge.api.status import READY, PoolStatus, ServingStatus
+from kubeforge.api.status import READY, PoolStatus, ServedModel, ServingStatus
 from kubeforge.api.validation import parse_spec
 from kubeforge.runtime.serve import autoscale as asc
 from kubeforge.settings import OperatorSettings
@@ -65,9 +65,10 @@ from .children import (
 )
 from .conditions import find, parse_time, rfc3339, set_kstatus
 from .kube import RESOURCES, resource_for
+from .lineage import SOURCE_FAILED, Source
 from .podsecurity import harden
 from .reconciler import merge_patch_diff
-from .training import Event, Source
+from .training import Event
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ ROUTER_POOL = {AGGREGATED: DECODE, PREFILL: PREFILL, DECODE: DECODE}
 
 MODEL_VOLUME, MODEL_ROOT = "model", "/models"
 SHM_VOLUME = "dshm"
+FETCH_CONTAINER = "fetch-model"
 HASH_ANNOTATION = "kubeforge.dev/template-hash"
 REFERENCE_DRAIN_S = 30  # the engines' --drain-timeout
 ROUTER_DRAIN_S = 30
@@ -190,7 +192,7 @@ def fetch_container(
     if (source := tokenizer_source(spec)) is not None:
         command += ["--tokenizer", source, "--tokenizer-dir", str(tokenizer_dir(spec))]
     container: dict[str, Any] = {
-        "name": "fetch-model",
+        "name": FETCH_CONTAINER,
         "image": image,
         "command": command,
         "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, *env],
@@ -542,6 +544,27 @@ def _pod_ready(pod: dict[str, Any]) -> bool:
                for c in (pod.get("status") or {}).get("conditions") or [])
 
 
+def served_provenance(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The provenance summary the model fetch found in the model folder: the fetch-model init container's
+    termination message ({"provenance": {...}}) of the newest engine pod that has one."""
+    found: tuple[str, dict[str, Any]] | None = None
+    for pod in pods:
+        if podutil.label(pod, contract.LABEL_ROLE) == ROUTER:
+            continue
+        for cs in (pod.get("status") or {}).get("initContainerStatuses") or []:
+            term = (cs.get("state") or {}).get("terminated") or {}
+            if cs.get("name") != FETCH_CONTAINER or term.get("exitCode") != 0 or not term.get("message"):
+                continue
+            try:
+                prov = json.loads(term["message"]).get("provenance")
+            except (ValueError, AttributeError):
+                continue
+            created = str(pod["metadata"].get("creationTimestamp") or "")
+            if isinstance(prov, dict) and (found is None or created > found[0]):
+                found = (created, prov)
+    return found[1] if found else None
+
+
 def pod_problem(pod: dict[str, Any]) -> str | None:
     """Why a pod is not serving, in a few words (a failing model fetch, a crash loop), or None."""
     status = pod.get("status") or {}
@@ -665,12 +688,22 @@ def plan_serving(
         return plan
 
     if src.failed:
-        return finish("Failed", False, False, True, "ModelSourceFailed", src.failed)
+        # not terminal: a Deployment-like object follows its spec, so a source re-created and succeeding
+        # later is served then (the resync reconciles this object again)
+        plan.requeue_after = 30.0
+        return finish("Failed", False, False, True, SOURCE_FAILED, src.failed)
     if src.waiting or not src.uri:
         plan.requeue_after = 5.0
-        return finish("WaitingForModel", False, True, False, "WaitingForModel", src.waiting or "no model URI")
+        return finish("WaitingForModel", False, True, False, src.reason, src.waiting or "no model URI")
 
     status.resolved_model_uri = src.uri
+    if src.pinned is not None and status.source != src.pinned:
+        status.source = src.pinned
+        plan.events.append(Event("Normal", "SourceResolved", f"model.from {src.pinned.kind} {src.pinned.name} "
+                                 f"(uid {src.pinned.uid}, generation {src.pinned.generation}): {src.pinned.uri}"))
+    # the provenance the engines' model fetch reported, kept while no pod shows it (pods replaced)
+    known = status.model.provenance if status.model is not None and status.model.uri == src.uri else None
+    status.model = ServedModel(uri=src.uri, provenance=served_provenance(observed.pods) or known)
     status.endpoint = endpoint(obj, spec)
     pools: dict[str, PoolStatus] = {}
     for name in pool_names(spec):

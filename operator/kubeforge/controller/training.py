@@ -27,18 +27,10 @@ from kubeforge.api import status as st
 from kubeforge.api.status import CheckpointRef, JobStatus, Output, Progress
 
 from . import extension, gang, kueue, pods
-from .conditions import parse_time, rfc3339, set_condition, set_kstatus
+from .conditions import find, parse_time, rfc3339, set_condition, set_kstatus
+from .lineage import SOURCE_FAILED, Source
 
 TERMINAL = ("Succeeded", "Failed")
-
-
-@dataclass
-class Source:
-    """model.from resolved: the producing job's output URI, or why we are still waiting for it."""
-
-    uri: str | None = None
-    waiting: str | None = None
-    failed: str | None = None
 
 
 @dataclass
@@ -154,6 +146,7 @@ class _Planner:
         self.status.observed_generation = self.gen
         self.plan = Plan(status=self.status)
         self.failure_reason: str | None = None
+        self.waiting_reason: str | None = None  # the kstatus reason while Pending on model.from or a judge
         self.queue = ctx.queue_name or self.spec.scheduling.queue_name
         self.backend = gang.backend(self.spec.scheduling, self.queue)
         self.current = [p for p in observed.pods if pods.attempt(p) == self.status.attempt]
@@ -218,13 +211,18 @@ class _Planner:
             return self.terminal()
         src = self.observed.source
         if src.failed:
-            return self.finish(False, "SourceFailed", src.failed)
+            return self.finish(False, SOURCE_FAILED, src.failed)
         if src.waiting:
             s.phase, s.message = "Pending", src.waiting
+            self.waiting_reason = src.reason
             self.requeue(10)
             return None
         if src.uri:
             s.resolved_model_uri = src.uri
+        if src.pinned is not None and s.source != src.pinned:
+            s.source = src.pinned
+            self.event("Normal", "SourceResolved", f"model.from {src.pinned.kind} {src.pinned.name} "
+                       f"(uid {src.pinned.uid}, generation {src.pinned.generation}): {src.pinned.uri}")
         deadline = self.spec.run_policy.active_deadline_seconds
         started = parse_time(s.start_time)
         if deadline and started and self.now - started > timedelta(seconds=deadline):
@@ -512,6 +510,12 @@ class _Planner:
             set_condition(conds, st.SUCCEEDED, True, "Succeeded", msg, gen, now)
         if phase == "Failed" and self.failure_reason:
             set_condition(conds, st.FAILED, True, self.failure_reason, msg, gen, now)
+        reason = phase
+        if phase == "Pending" and self.waiting_reason:
+            reason = self.waiting_reason
+        elif phase == "Failed":  # the cause, on this and every later reconcile
+            failed = find(conds, st.FAILED)
+            reason = self.failure_reason or (failed.reason if failed is not None else phase)
         set_kstatus(
             conds,
             ready=phase == "Succeeded",
@@ -519,7 +523,7 @@ class _Planner:
             # `wait` or an Argo CD sync finishes instead of blocking for the whole run
             reconciling=phase in ("Pending", "Queued", "Starting", "Restarting"),
             stalled=phase == "Failed",
-            reason=phase,
+            reason=reason,
             message=msg,
             generation=gen,
             now=now,

@@ -13,7 +13,9 @@ object's size is kept, so a pod whose model volume outlives it (a hostPath or PV
 emptyDir across container restarts) starts without downloading again. Credentials and endpoint come from
 the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL), as the operator renders them
 from the model's secretRef. Failures exit non-zero with one clear line on stderr (and in the container's
-termination message), which the operator shows in the InferenceDeployment's status.
+termination message), which the operator shows in the InferenceDeployment's status. On success the
+termination message carries the summary of the folder's kubeforge-provenance.json, which the operator shows
+in the InferenceDeployment's status.model.provenance.
 """
 
 from __future__ import annotations
@@ -153,7 +155,24 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr, flush=True)
         _termination_log(message)
         return EXIT_FAILED
+    report = fetched_report(a.uri, a.dest)
+    if report:
+        _termination_log(report)
     return 0
+
+
+def fetched_report(uri: str, dest: str | os.PathLike[str]) -> str:
+    """The success message the operator reads from this container: the model folder's provenance summary
+    (kubeforge-provenance.json), as JSON; empty when the folder has none."""
+    import json
+
+    from . import provenance
+
+    prov = provenance.read(dest)
+    if prov is None:
+        return ""
+    log.info("%s carries provenance: %s %s", uri, prov.get("kind"), prov.get("name"))
+    return json.dumps({"uri": uri, "provenance": provenance.summary(prov)}, separators=(",", ":"))
 
 
 if __name__ == "__main__":

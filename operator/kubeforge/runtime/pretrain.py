@@ -33,6 +33,7 @@ from ..api.kinds import PretrainJobSpec
 from ..storage import CheckpointStore, StorageError, make_client
 from ..storage import s3 as s3mod
 from . import dist as kdist
+from . import provenance as prov
 from .checkpointing import AppState, Checkpointer, CheckpointsUnusable, rng_state, set_rng_state
 from .data import PackedStream, Prefetcher, S3Objects
 from .report import Progress, Reporter, now_rfc3339, sink_from_env, write_termination_message
@@ -384,7 +385,9 @@ def run(job: dict[str, Any], spec: PretrainJobSpec, stop: StopFlag) -> dict[str,
         if ckpt.last_step != step:
             checkpoint_now()
             ckpt.wait()
-        output_uri = export(model, tokenizer, store, workdir, denv)
+        provenance = prov.record(job, source_uri=spec.model.uri, source_dir=model_dir, data=[spec.data.uri],
+                                 steps=step, tokens=tokens, metrics={"loss": loss_value})
+        output_uri = export(model, tokenizer, store, workdir, denv, provenance)
         result = {"outputUri": output_uri, "step": step, "tokens": tokens, "loss": loss_value}
         if denv.is_main:
             write_termination_message(result)
@@ -396,8 +399,10 @@ def run(job: dict[str, Any], spec: PretrainJobSpec, stop: StopFlag) -> dict[str,
         reporter.close(timeout=3.0)
 
 
-def export(model: Any, tokenizer: Any, store: CheckpointStore, workdir: Path, denv: kdist.DistEnv) -> str:
-    """Collective: gather the full model to rank 0 and upload it as a Hugging Face directory to final/."""
+def export(model: Any, tokenizer: Any, store: CheckpointStore, workdir: Path, denv: kdist.DistEnv,
+           provenance: dict[str, Any] | None = None) -> str:
+    """Collective: gather the full model to rank 0 and upload it as a Hugging Face directory to final/, with
+    `provenance` (runtime/provenance.py) as its kubeforge-provenance.json."""
     import shutil
 
     import torch.distributed as tdist
@@ -410,6 +415,8 @@ def export(model: Any, tokenizer: Any, store: CheckpointStore, workdir: Path, de
         shutil.rmtree(out, ignore_errors=True)
         kdist.unwrap(model).save_pretrained(str(out), state_dict=full)
         tokenizer.save_pretrained(str(out))
+        if provenance is not None:
+            prov.write(out, {**provenance, "output": str(store.final_uri)})
         uri[0] = store.upload_final(out)
         log.info("exported the model to %s", uri[0])
     tdist.broadcast_object_list(uri, src=0)

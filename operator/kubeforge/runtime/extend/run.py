@@ -33,6 +33,7 @@ from ...storage import CheckpointStore, make_client
 from ...storage import s3 as s3mod
 from .. import dist as kdist
 from .. import pretrain
+from .. import provenance as prov
 from ..checkpointing import AppState, Checkpointer, rng_state, set_rng_state
 from ..data import PackedStream, Prefetcher, S3Objects
 from ..report import Progress, Reporter, now_rfc3339, sink_from_env, write_termination_message
@@ -354,7 +355,13 @@ def run(job: dict[str, Any], spec: ContextExtensionJobSpec, stop: pretrain.StopF
         final_stage = stages[-1]
         hf = kdist.unwrap(model)
         hf.set_attn_implementation("sdpa")  # the exported config must not name our implementation
-        output_uri = pretrain.export(model, tokenizer, store, workdir, denv)
+        stage_evals = [{"stage": r["index"] + 1, "seqLen": r["seqLen"], "ropeTheta": r.get("ropeTheta"),
+                        **(r.get("evals") or {})} for r in records]
+        provenance = prov.record(job, source_uri=spec.model.uri, source_dir=model_dir, data=[spec.data.uri],
+                                 steps=step, tokens=tokens, metrics={"loss": loss_value},
+                                 evals={"stages": stage_evals,
+                                        "needleScore": stage_evals[-1].get("needleScore") if stage_evals else None})
+        output_uri = pretrain.export(model, tokenizer, store, workdir, denv, provenance)
         if denv.is_main:
             upload_final_evals(store, records, workdir)
         result = {"outputUri": output_uri, "step": step, "tokens": tokens, "loss": loss_value,

@@ -492,9 +492,18 @@ def run(job: dict[str, Any], spec: RLJobSpec, stop: StopFlag) -> dict[str, Any]:
         base = kdist.unwrap(model)
         if hasattr(base, "kf_value_head"):
             del base.kf_value_head  # the exported policy is a plain causal LM
+        from .. import provenance as prov
         from ..pretrain import export
 
-        output_uri = export(model, tokenizer, store, workdir, denv)
+        rw = spec.reward
+        reward_kind = (f"verifiable:{rw.verifiable.check or rw.verifiable.entrypoint}" if rw.verifiable is not None
+                       else "model" if rw.model is not None else "judge")
+        provenance = prov.record(
+            job, source_uri=spec.model.uri, source_dir=model_dir, data=[spec.data.uri], steps=step, tokens=tokens,
+            metrics={"reward": last.get("reward"), "initialReward": totals.get("initialReward"),
+                     "policyVersion": learner.version},
+            evals={"rewardCurve": curve[-CURVE_POINTS:], "algorithm": a.name, "reward": reward_kind})
+        output_uri = export(model, tokenizer, store, workdir, denv, provenance)
         result = {"outputUri": output_uri, "step": step, "reward": last.get("reward"), "policyVersion": learner.version}
         if denv.is_main:
             write_termination_message(result)

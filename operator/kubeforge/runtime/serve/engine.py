@@ -155,6 +155,10 @@ class Engine:
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="engine-worker", daemon=True)
         self.created = int(time.time())
+        from ..provenance import read as read_provenance
+
+        # where the weights came from (kubeforge-provenance.json of an exported model), on /v1/models
+        self.provenance = read_provenance(model_dir)
         self._init_metrics()
 
     # ------------------------------------------------------------------------------------------ metrics
@@ -734,6 +738,7 @@ def build_app(engine: Engine, request_timeout: float = 600.0) -> Starlette:
                         "root": engine.model_dir,
                         "parent": None,
                         "max_model_len": engine.max_model_len,
+                        **({"provenance": engine.provenance} if engine.provenance is not None else {}),
                     }
                 ],
             }
