@@ -104,3 +104,73 @@ def test_disaggregated_job_adds_a_rollout_pool_to_the_gang() -> None:
     for c in [*engine["spec"]["initContainers"], *engine["spec"]["containers"]]:
         assert c["image"] == builder.default_image and c["securityContext"]["allowPrivilegeEscalation"] is False
     assert engine["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def _vllm_rollout_job(**rollout) -> dict:
+    from test_workload_pods import _stored
+
+    return _stored(rl_job(rollout={"engine": "vllm", "placement": "disaggregated", "replicas": 2,
+                                   "resources": {"limits": {"nvidia.com/gpu": 2}}, **rollout},
+                          weightSync={"method": "nccl", "intervalSteps": 2},
+                          resources={"numNodes": 1, "processesPerNode": 1,
+                                     "limits": {"nvidia.com/gpu": 1}}))
+
+
+def _rl_gang(obj: dict):
+    from kubeforge.controller.rl import RLGang
+    from kubeforge.settings import OperatorSettings
+
+    spec = parse_spec(obj)
+    settings = OperatorSettings()
+    return RLGang(rl_spec=spec, serve_image=settings.serve_image, obj=obj, resources=spec.resources,
+                  scheduling=spec.scheduling, module=RUNTIME_MODULE, resolved_spec=spec.to_wire(),
+                  secret_name="kubeforge-s3", s3_endpoint=None, default_image=settings.trainer_image), settings
+
+
+def test_vllm_rollout_engines_render_the_weight_update_path_the_pinned_vllm_parses() -> None:
+    from test_vllm_cli import vllm_parser
+
+    from kubeforge.controller import vllm
+    from kubeforge.controller.rl import weight_sync_port
+    from kubeforge.runtime.rl import vllm_worker
+
+    obj = _vllm_rollout_job()
+    builder, settings = _rl_gang(obj)
+    pods = {p["metadata"]["name"]: p for p in builder.pods(0, {}, "builtin")}
+    assert set(pods) == {"rl-worker-0", "rl-rollout-0", "rl-rollout-1"}
+    parser = vllm_parser()
+    for i in (0, 1):
+        engine = pods[f"rl-rollout-{i}"]["spec"]["containers"][0]
+        argv = engine["command"]
+        assert argv[:2] == ["vllm", "serve"]
+        args = parser.parse_args(argv[2:])  # raises on an option vLLM 0.18.0 does not have
+        assert args.model_tag == "/models/policy" and args.served_model_name == ["policy"]
+        assert args.port == "8000" and args.tensor_parallel_size == "2"  # one worker per GPU of the pod
+        assert args.worker_extension_cls == vllm_worker.EXTENSION_CLASS == vllm.RL_WORKER_EXTENSION
+        assert args.generation_config == "vllm" and args.logprobs_mode == "processed_logprobs"
+        assert args.seed == str(i)  # algorithm.seed + engine index: the engines sample apart
+        env = {e["name"]: e.get("value") for e in engine["env"]}
+        assert env["VLLM_SERVER_DEV_MODE"] == "1"  # /collective_rpc and /reset_prefix_cache
+        assert env[vllm_worker.STOP_PID_ENV] == "1"
+        assert engine["image"] == settings.serve_image
+        assert engine["resources"]["limits"]["nvidia.com/gpu"] == "2"
+        assert engine["readinessProbe"]["httpGet"]["path"] == "/v1/models"
+        fetch = pods[f"rl-rollout-{i}"]["spec"]["initContainers"][0]
+        assert fetch["image"] == settings.serve_image and "kubeforge.runtime.fetch" in fetch["command"]
+    # the extension vLLM is told to load is importable by that name and has the methods the learner calls
+    module, _, cls = vllm.RL_WORKER_EXTENSION.rpartition(".")
+    ext = getattr(__import__(module, fromlist=[cls]), cls)
+    assert {"kubeforge_init_weight_group", "kubeforge_update_weights", "kubeforge_policy_version"} <= set(dir(ext))
+    learner = pods["rl-worker-0"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in learner["env"]}
+    port = weight_sync_port(obj["metadata"]["uid"])
+    assert env["KUBEFORGE_WEIGHT_SYNC_PORT"] == str(port)
+    assert {"name": "weight-sync", "containerPort": port} in learner["ports"]
+    assert env["KUBEFORGE_ROLLOUT_URLS"].count("rl-rollout.team-a.svc:8000") == 2
+
+
+def test_reference_rollouts_render_no_weight_sync_port() -> None:
+    obj = rl_job(rollout={"engine": "reference", "placement": "disaggregated"})
+    builder, _ = _rl_gang(obj)
+    learner = builder.pods(0, {}, "builtin")[0]["spec"]["containers"][0]
+    assert "KUBEFORGE_WEIGHT_SYNC_PORT" not in {e["name"] for e in learner["env"]}

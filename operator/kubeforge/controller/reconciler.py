@@ -193,7 +193,7 @@ class Reconciler:
         if obj["kind"] == "RLJob":
             from .rl import RLGang
 
-            gang_class, extra = RLGang, {"rl_spec": spec}
+            gang_class, extra = RLGang, {"rl_spec": spec, "serve_image": self.settings.serve_image}
         builder = gang_class(
             **extra,
             obj=obj, resources=spec.resources, scheduling=spec.scheduling, module=module,

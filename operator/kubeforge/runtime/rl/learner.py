@@ -46,6 +46,7 @@ log = logging.getLogger("kubeforge.rl")
 
 JUDGE_URL_ENV = "KUBEFORGE_JUDGE_URL"  # a judge URL overriding reward.judge.url
 ROLLOUT_URLS_ENV = "KUBEFORGE_ROLLOUT_URLS"  # comma-separated base URLs of the rollout engines (disaggregated)
+WEIGHT_SYNC_PORT_ENV = "KUBEFORGE_WEIGHT_SYNC_PORT"  # rank 0's port of the nccl weight-sync group's store
 CURVE_POINTS = 32
 
 
@@ -71,9 +72,9 @@ def check_spec(spec: RLJobSpec, world_size: int) -> None:
     if spec.rollout.placement == "disaggregated" and not os.environ.get(ROLLOUT_URLS_ENV):
         raise InvalidSpec(f"rollout.placement disaggregated needs the rollout engines' URLs in {ROLLOUT_URLS_ENV} "
                           "(the operator sets it on the learner pods)", "spec.rollout.placement")
-    if spec.rollout.placement == "disaggregated" and spec.weight_sync.method != "http":
-        raise InvalidSpec("this runtime pushes weights to reference engines over http only",
-                          "spec.weightSync.method")
+    if spec.rollout.placement == "disaggregated" and spec.weight_sync.method == "checkpoint":
+        raise InvalidSpec("this runtime pushes weights over http (reference engines) or nccl (vLLM engines), "
+                          "not through the checkpoint store", "spec.weightSync.method")
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -215,11 +216,27 @@ class Learner:
         self.generator = torch.Generator().manual_seed(seed * 7919 + denv.rank)
         self.remote: Any = None  # HttpRollout when disaggregated
         self.engines: list[Any] = []
+        self.broadcaster: Any = None  # NcclWeightSync on rank 0 with weightSync.method nccl
 
     def use_engines(self, urls: str) -> None:
+        """The rollout engines: reference engines take weights over http; with weightSync.method nccl (vLLM
+        engines with kubeforge's worker extension) rank 0 broadcasts them over a group of its own (NCCL on
+        GPU, gloo on CPU) and the engines' versions are read through /collective_rpc."""
         from .rollout import HttpRollout, engines_from
 
         self.engines = engines_from(urls)
+        if self.spec.weight_sync.method == "nccl":
+            import torch
+
+            from .. import localrun
+            from .vllm_sync import NcclWeightSync, RpcEngineClient
+
+            self.engines = [RpcEngineClient(e.url) for e in self.engines]
+            if self.denv.is_main:
+                host = os.environ.get(contract.ENV_POD_IP) or "127.0.0.1"
+                port = int(os.environ.get(WEIGHT_SYNC_PORT_ENV) or 0) or localrun.free_port()
+                self.broadcaster = NcclWeightSync(self.engines, host, port,
+                                                  "nccl" if torch.cuda.is_available() else "gloo")
         for e in self.engines:
             e.wait_ready()
         self.remote = HttpRollout(self.engines, self.engine_model_name(), self.encode_text, self.eos_id)
@@ -242,7 +259,15 @@ class Learner:
             return False
         if not force and self.version - self.published < self.spec.weight_sync.interval_steps:
             return False
-        if self.denv.is_main:
+        if self.spec.weight_sync.method == "nccl":
+            from .vllm_sync import full_named_tensors
+
+            # FSDP2 shards are gathered by every rank; DDP's replica on rank 0 is whole already
+            tensors = full_named_tensors(kdist.unwrap(self.model)) \
+                if self.denv.is_main or self.choice.strategy == "fsdp" else []
+            if self.denv.is_main:
+                self.broadcaster.push(tensors, self.version)
+        elif self.denv.is_main:
             from .weightsync import push_weights
 
             push_weights(kdist.unwrap(self.model), self.engines, self.version)
@@ -499,6 +524,8 @@ def run(job: dict[str, Any], spec: RLJobSpec, stop: StopFlag) -> dict[str, Any]:
         if denv.is_main:
             write_termination_message(result)
             reporter.report(progress(output_uri=output_uri), force=True)
+            if learner.broadcaster is not None:
+                learner.broadcaster.close()
             for e in learner.engines:
                 e.shutdown()
         tdist.barrier()
