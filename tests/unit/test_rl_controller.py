@@ -57,10 +57,11 @@ def test_judge_deployment_becomes_a_url_in_the_resolved_spec() -> None:
 def test_rl_report_lands_in_status() -> None:
     status = JobStatus()
     merge_progress(status, {"step": 7, "totalSteps": 50, "tokens": 900, "reward": 0.41, "rl": {
-        "rewardStd": 0.3, "kl": 0.01, "responseLength": 2.0, "rewardFailures": 3, "droppedStale": 0,
+        "rewardStd": 0.3, "kl": 0.01, "responseLength": 2.0, "rewardFailures": 3, "droppedStale": 0, "importanceCorrected": 5,
         "policyVersion": 7, "engineVersions": [7, 7], "rewardCurve": [{"step": 6, "reward": 0.4}]}})
     assert status.progress.reward == 0.41 and status.progress.percent == 14
     assert status.rl.reward_failures == 3 and status.rl.engine_versions == [7, 7]
+    assert status.rl.importance_corrected == 5
     assert status.rl.reward_curve[0].reward == 0.4
     merge_progress(status, {"step": 8, "totalSteps": 50, "rl": {"rewardCurve": "junk"}})
     assert status.progress.step == 8 and status.rl.policy_version == 7  # a bad block keeps the last good one

@@ -77,10 +77,14 @@ class RpcEngineClient(EngineClient):
         self.client.post(self.url + RESET_PREFIX_CACHE_PATH).raise_for_status()
 
     def shutdown(self) -> None:
+        """vLLM: the extension signals the API server (KUBEFORGE_STOP_PID); the reference engine has its own
+        shutdown endpoint."""
         try:
-            self.rpc("kubeforge_stop_server", timeout=30)
+            if any(r.get("stopping") for r in self.rpc("kubeforge_stop_server", timeout=30)):
+                return
         except Exception:  # noqa: BLE001, S110 - already gone is fine
-            pass
+            return
+        super().shutdown()
 
 
 class NcclWeightSync:
