@@ -3,7 +3,10 @@ reaches the runtime; rank 0's RL report lands in status.rl."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
+
+import pytest
 
 from kubeforge.api.registry import BY_KIND
 from kubeforge.api.status import JobStatus
@@ -175,3 +178,57 @@ def test_reference_rollouts_render_no_weight_sync_port() -> None:
     builder, _ = _rl_gang(obj)
     learner = builder.pods(0, {}, "builtin")[0]["spec"]["containers"][0]
     assert "KUBEFORGE_WEIGHT_SYNC_PORT" not in {e["name"] for e in learner["env"]}
+
+
+PTJ_REF = {"kind": "PretrainJob", "name": "rm-train"}
+
+
+def _source_obj(phase: str | None, uri: str | None = None) -> dict:
+    status: dict = {"phase": phase} if phase else {}
+    if uri:
+        status["output"] = {"uri": uri}
+    return {"apiVersion": "kubeforge.dev/v1alpha1", "kind": "PretrainJob",
+            "metadata": {"name": "rm-train", "namespace": "ns1"}, "status": status}
+
+
+@pytest.mark.parametrize(("src", "want"), [
+    (None, Source(waiting="waiting for PretrainJob rm-train to exist (reward.model.from)")),
+    (_source_obj("Running"),
+     Source(waiting="waiting for PretrainJob rm-train to succeed (reward.model.from; now Running)")),
+    (_source_obj("Succeeded"),  # succeeded but no output recorded yet
+     Source(waiting="waiting for PretrainJob rm-train to succeed (reward.model.from; now Succeeded)")),
+    (_source_obj("Failed"), Source(failed="PretrainJob rm-train failed, so reward.model.from has no output")),
+    (_source_obj("Succeeded", "s3://kubeforge/rm/final"), Source(uri="s3://kubeforge/rm/final")),
+])
+def test_reward_model_from_resolves_like_model_from(src, want) -> None:
+    from kubeforge.controller.sources import source_of
+
+    assert source_of("PretrainJob", "rm-train", src, "reward.model.from") == want
+
+
+def test_resolved_reward_model_reaches_the_runtime_as_a_uri_and_a_failed_source_fails_the_job() -> None:
+    from kubeforge.controller.rl import RLGang, with_reward_model_uri
+
+    obj = rl_job(reward={"model": {"from": PTJ_REF}})
+    assert validate(obj) == []
+    spec = parse_spec(obj)
+    wire = with_reward_model_uri(spec.to_wire(), "s3://kubeforge/rm/final")
+    assert wire["reward"]["model"] == {"uri": "s3://kubeforge/rm/final"}
+    assert spec.to_wire()["reward"]["model"]["from"]["name"] == "rm-train"  # the input is not changed
+    builder = RLGang(rl_spec=spec, obj=obj, resources=spec.resources, scheduling=spec.scheduling,
+                     module=RUNTIME_MODULE, resolved_spec=wire, secret_name="kubeforge-s3", s3_endpoint=None)
+    result = plan(JobContext(obj=obj, spec=spec, builder=builder, workload_version="v1beta2"),
+                  Observed(pods=[], source=Source(uri=spec.model.uri)), T0)
+    cms = [c for c in result.create if c["kind"] == "ConfigMap"]
+    rendered = json.loads(next(iter(cms[0]["data"].values())))
+    assert rendered["spec"]["reward"]["model"] == {"uri": "s3://kubeforge/rm/final"}
+    # the runtime reads that spec: a reward model by URI is what it fetches
+    from kubeforge.api.kinds import RLJobSpec
+
+    assert RLJobSpec.model_validate(rendered["spec"]).reward.model.uri == "s3://kubeforge/rm/final"
+
+    failed = plan(JobContext(obj=obj, spec=spec, builder=builder, workload_version="v1beta2"),
+                  Observed(pods=[], source=Source(failed="PretrainJob rm-train failed, so reward.model.from has no "
+                                                         "output")), T0)
+    assert failed.status.phase == "Failed" and not [c for c in failed.create if c["kind"] == "Pod"]
+    assert any(c.reason == "SourceFailed" for c in failed.status.conditions)

@@ -181,12 +181,15 @@ class Reconciler:
         source = self.resolve_source(obj, spec.model) if spec.model is not None else Source()
         resolved = self.resolved_spec(spec, source)
         if obj["kind"] == "RLJob":
-            from .rl import judge_endpoint, with_judge_url
+            from .rl import judge_endpoint, reward_model_source, with_judge_url, with_reward_model_uri
 
             judge_url, judge_waiting = judge_endpoint(self.kube, obj, spec)
-            if judge_waiting and not (source.waiting or source.failed):
-                source = Source(waiting=judge_waiting)
-            resolved = with_judge_url(resolved, judge_url)
+            reward = reward_model_source(self.kube, obj, spec)
+            if reward.failed and not source.failed:
+                source = Source(failed=reward.failed)
+            elif (reward.waiting or judge_waiting) and not (source.waiting or source.failed):
+                source = Source(waiting=reward.waiting or judge_waiting)
+            resolved = with_reward_model_uri(with_judge_url(resolved, judge_url), reward.uri)
         secret = spec.checkpoint.secret_ref.name if spec.checkpoint.secret_ref else None
         gang_class: Any = TorchrunGang
         extra: dict[str, Any] = {}

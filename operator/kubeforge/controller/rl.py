@@ -18,7 +18,9 @@ from . import gang, kueue, vllm
 from .children import child_name, downward_env, headless_service, metadata, placement, resources_block, s3_env
 from .kube import RESOURCES
 from .podsecurity import harden
+from .sources import source_of
 from .torchrun import TorchrunGang
+from .training import Source
 
 RUNTIME_MODULE = "kubeforge.runtime.rl.learner"
 ROLLOUT_URLS_ENV = "KUBEFORGE_ROLLOUT_URLS"  # read by kubeforge.runtime.rl.learner
@@ -46,6 +48,28 @@ def judge_endpoint(kube: Any, obj: dict[str, Any], spec: Any) -> tuple[str | Non
         return None, f"waiting for InferenceDeployment {name} to be Ready (reward.judge; now " \
                      f"{status.get('phase') or 'Pending'})"
     return str(status["endpoint"]), None
+
+
+def reward_model_source(kube: Any, obj: dict[str, Any], spec: Any) -> Source:
+    """reward.model.from resolved like model.from: the source's output URI once it Succeeded, else why the job
+    waits, or a failure when the source failed. Source() when the reward is not a model from another job."""
+    model = getattr(spec.reward, "model", None)
+    ref = getattr(model, "from_", None)
+    if ref is None:
+        return Source()
+    src = kube.get(RESOURCES[ref.kind], obj["metadata"]["namespace"], ref.name)
+    return source_of(ref.kind, ref.name, src, "reward.model.from")
+
+
+def with_reward_model_uri(wire: dict[str, Any], uri: str | None) -> dict[str, Any]:
+    """The resolved spec the runtime reads: the reward model by URI."""
+    if not uri:
+        return wire
+    reward = dict(wire.get("reward") or {})
+    model = {k: v for k, v in (reward.get("model") or {}).items() if k != "from"}
+    model["uri"] = uri
+    reward["model"] = model
+    return {**wire, "reward": reward}
 
 
 def with_judge_url(wire: dict[str, Any], endpoint: str | None) -> dict[str, Any]:
