@@ -144,7 +144,7 @@ def test_policy_loss_weights_each_tokens_surrogate() -> None:
     mask = torch.ones(1, 2)
     plain, _ = alg.policy_loss(logp, logp.detach(), adv, mask)
     weighted, _ = alg.policy_loss(logp, logp.detach(), adv, mask, is_weights=torch.tensor([[2.0, 0.5]]))
-    assert float(plain) == pytest.approx(-1.0)
-    assert float(weighted) == pytest.approx(-(2.0 + 0.5) / 2)
+    assert float(plain.detach()) == pytest.approx(-1.0)
+    assert float(weighted.detach()) == pytest.approx(-(2.0 + 0.5) / 2)
     weighted.backward()
     approx(logp.grad[0], [-1.0, -0.25])  # d/dlogp of -w x A x ratio / 2, weights held constant
