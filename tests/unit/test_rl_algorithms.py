@@ -126,3 +126,25 @@ def test_whiten() -> None:
     x = torch.tensor([[1.0, 3.0, 100.0]])
     w = alg.whiten(x, torch.tensor([[1, 1, 0]]))
     approx(w[0], [-1.0, 1.0, 0.0], 1e-3)
+
+
+def test_truncated_is_weights_table() -> None:
+    old = torch.log(torch.tensor([[0.5, 0.2, 0.9], [0.5, 0.5, 0.5]]))
+    sampler = torch.log(torch.tensor([[0.25, 0.4, 0.1], [0.1, 0.1, 0.1]]))
+    # row 0: ratios 2, .5, 9 -> truncated at 2.5: 2, .5, 2.5; row 1 has no sampler log-probs: weight 1
+    w = alg.truncated_is_weights(old, sampler, torch.tensor([True, False]), cap=2.5)
+    approx(w[0], [2.0, 0.5, 2.5])
+    approx(w[1], [1.0, 1.0, 1.0])
+
+
+def test_policy_loss_weights_each_tokens_surrogate() -> None:
+    # ratio 1 everywhere (logp = old): surrogate -A per token; weights 2 and .5 on a one-completion batch
+    logp = torch.zeros(1, 2, requires_grad=True)
+    adv = torch.tensor([1.0])
+    mask = torch.ones(1, 2)
+    plain, _ = alg.policy_loss(logp, logp.detach(), adv, mask)
+    weighted, _ = alg.policy_loss(logp, logp.detach(), adv, mask, is_weights=torch.tensor([[2.0, 0.5]]))
+    assert float(plain.detach()) == pytest.approx(-1.0)
+    assert float(weighted.detach()) == pytest.approx(-(2.0 + 0.5) / 2)
+    weighted.backward()
+    approx(logp.grad[0], [-1.0, -0.25])  # d/dlogp of -w x A x ratio / 2, weights held constant

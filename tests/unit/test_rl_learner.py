@@ -184,6 +184,8 @@ def test_disaggregated_learner_pushes_weights_to_a_real_engine_and_stops_it(
         final = run.progress()[-1]
         assert final["step"] == 6 and final["rl"]["policyVersion"] == 6
         assert final["rl"]["engineVersions"] == [6] and final["rl"]["droppedStale"] == 0
+        # steps 2, 4, 6 sampled from an engine one version behind: kept with importance weights
+        assert final["rl"]["importanceCorrected"] == 3 * 16 * 8
         assert engine.proc.wait(30) == 0  # the learner stopped the engine when it was done
     finally:
         engine.stop()
@@ -210,3 +212,66 @@ def test_every_algorithm_trains_and_exports(s3_env: dict[str, str], s3_client: A
     local = tmp_path / "out"
     s3mod.download_dir(s3_client, final["outputUri"], local)
     AutoModelForCausalLM.from_pretrained(local)
+
+
+def test_disaggregated_learner_broadcasts_weights_through_the_worker_extension(
+        s3_env: dict[str, str], s3_client: Any, bucket: str, base_model: Path, tmp_path: Path) -> None:
+    """weightSync.method nccl as the operator renders it for vLLM engines, over gloo: the learner drives the
+    engine's worker extension through /collective_rpc (the reference engine serves it with the same class)."""
+    from kubeforge.runtime.serve.testing import engine_proc
+
+    model_uri, data_uri = upload_task(s3_client, bucket, base_model)
+    job = rl_job(model_uri, data_uri, f"s3://{bucket}/disagg-nccl", steps=5, klCoef=0.0)
+    job["spec"]["rollout"].update(placement="disaggregated", engine="vllm")
+    job["spec"]["weightSync"] = {"method": "nccl", "intervalSteps": 2}
+    engine = engine_proc(str(base_model), name="policy", log_path=str(tmp_path / "engine.log")).wait()
+    try:
+        run = Run(tmp_path, "disagg-nccl", job, s3_env, extra_env={
+            "KUBEFORGE_ROLLOUT_URLS": engine.url, "KUBEFORGE_POD_IP": "127.0.0.1",
+            "KUBEFORGE_WEIGHT_SYNC_PORT": str(localrun.free_port())})
+        assert run.wait() == 0, run.output()[-3000:]
+        final = run.progress()[-1]
+        assert final["step"] == 5 and final["rl"]["policyVersion"] == 5
+        # pushed at start (0) and after steps 2 and 4: the engine serves version 4, one behind the learner
+        assert final["rl"]["engineVersions"] == [4] and final["rl"]["droppedStale"] == 0
+        assert final["rl"]["importanceCorrected"] == 2 * 16 * 8  # steps 2 and 4 lag one version
+        assert "weight-sync group of 2 ranks (gloo)" in run.output()
+        assert engine.proc.wait(30) == 0  # the learner stopped the engine when it was done
+    finally:
+        engine.stop()
+
+
+def _comp(version: int, n_tokens: int = 2, logprobs: list[float] | None = None) -> policy.Completion:
+    return policy.Completion(0, [1], list(range(3, 3 + n_tokens)), "", version, False, logprobs or [])
+
+
+@pytest.mark.parametrize(("version", "logprobs", "lag_limit", "off_policy", "admitted"), [
+    (7, None, 0, "tis", True),            # the learner's own version
+    (6, [-1.0, -2.0], 1, "tis", True),    # one behind, within maxLag, sampler log-probs known: weighted
+    (6, None, 1, "tis", False),           # ... but no sampler log-probs: cannot be weighted
+    (6, [-1.0], 1, "tis", False),         # ... log-probs not of its tokens
+    (6, [-1.0, -2.0], 1, "drop", False),  # offPolicy drop
+    (5, [-1.0, -2.0], 1, "tis", False),   # two behind, past maxLag
+    (-1, [-1.0, -2.0], 3, "tis", False),  # an engine changed under the batch
+    (8, None, 3, "tis", False),           # newer than the learner: never
+])
+def test_stale_completions_are_dropped_or_importance_corrected(version, logprobs, lag_limit, off_policy,
+                                                               admitted) -> None:
+    assert rl_learner.admit([_comp(version, logprobs=logprobs)], 7, lag_limit, off_policy) == [admitted]
+
+
+def test_max_lag_defaults_to_what_the_sync_interval_causes() -> None:
+    from kubeforge.api.kinds import RLJobSpec
+
+    job = rl_job("s3://bucket/m", "s3://bucket/p", "s3://bucket/c")
+    spec = RLJobSpec.model_validate({**job["spec"], "weightSync": {"method": "http", "intervalSteps": 4}})
+    assert rl_learner.max_lag(spec) == 3
+    spec = RLJobSpec.model_validate({**job["spec"], "weightSync": {"method": "http", "intervalSteps": 4,
+                                                                   "maxLag": 1}})
+    assert rl_learner.max_lag(spec) == 1
+
+
+def test_sampler_logprobs_pad_and_mark_the_completions_that_have_them() -> None:
+    lp, has = rl_learner.sampler_logprobs([_comp(1, 2, [-1.0, -2.0]), _comp(1, 1), _comp(1, 2, [-3.0])], 3)
+    assert lp.tolist() == [[-1.0, -2.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    assert has.tolist() == [True, False, False]

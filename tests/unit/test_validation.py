@@ -156,6 +156,12 @@ INVALID: list[tuple[str, dict, dict | None, list[str]]] = [
      ["spec.rollout.engine: vllm needs GPUs (spec.resources requests no nvidia.com/gpu); use reference on CPU"]),
     ("nccl sync with reference", with_(RLJ, "spec.weightSync.method", "nccl"), None,
      ["spec.weightSync.method: nccl needs the vllm engine; use http or checkpoint with reference"]),
+    ("vllm rollouts over http", with_(with_(RLJ, "spec.rollout", {
+        "engine": "vllm", "placement": "disaggregated", "resources": {"limits": {"nvidia.com/gpu": 1}}}),
+        "spec.weightSync.method", "http"), None,
+     ["spec.weightSync.method: disaggregated vllm engines take weights over nccl only"]),
+    ("tis cap below one", with_(RLJ, "spec.weightSync.tisCap", 0.5), None,
+     ["spec.weightSync.tisCap: must be >= 1 (got 0.5)"]),
     ("temperature negative", with_(RLJ, "spec.rollout.temperature", -1), None,
      ["spec.rollout.temperature: must be >= 0 (got -1)"]),
     # --- InferenceDeployment -------------------------------------------------------------------------

@@ -285,6 +285,14 @@ class WeightSyncSpec(ApiModel):
     """Push weights to the engines every this many learner steps."""
     method: Literal["nccl", "http", "checkpoint"] = "nccl"
     """nccl broadcast (GPU), http (CPU/reference), or via the checkpoint store."""
+    max_lag: int | None = Field(default=None, ge=0, le=1024)
+    """How many policy versions a completion may lag the learner by; older ones are dropped (counted in
+    status.rl.droppedStale). Defaults to intervalSteps - 1, the lag the sync interval itself causes."""
+    off_policy: Literal["tis", "drop"] = "tis"
+    """Completions sampled by an older policy version (within maxLag): tis keeps them, each token's loss weighted
+    by the truncated importance ratio min(pi_learner / pi_sampler, tisCap); drop drops them."""
+    tis_cap: float = Field(default=2.0, ge=1, le=100)
+    """Truncation of the importance ratio (tis)."""
 
 
 class RLJobSpec(ApiModel):

@@ -519,6 +519,14 @@ KINDS: tuple[Kind, ...] = (
                 "nccl needs the vllm engine; use http or checkpoint with reference",
                 field_path=".weightSync.method",
             ),
+            CelRule(
+                "",
+                "(has(self.rollout) ? self.rollout.engine : 'vllm') != 'vllm' || "
+                "!has(self.rollout) || self.rollout.placement != 'disaggregated' || "
+                "(has(self.weightSync) ? self.weightSync.method : 'nccl') == 'nccl'",
+                "disaggregated vllm engines take weights over nccl only",
+                field_path=".weightSync.method",
+            ),
         ),
     ),
     Kind(

@@ -91,6 +91,9 @@ class RLStatus(StatusModel):
     """Completions whose reward could not be computed (e.g. an unparsable judge reply), in total."""
     dropped_stale: int | None = None
     """Completions dropped because an engine sampled them with a stale policy version, in total."""
+    importance_corrected: int | None = None
+    """Completions an older policy version sampled (within weightSync.maxLag) kept with truncated importance
+    weights, in total."""
     policy_version: int | None = None
     """Policy version the learner last published."""
     engine_versions: list[int] = Field(default_factory=list)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -176,19 +177,24 @@ class Reconciler:
         source = self.resolve_source(obj, spec.model) if spec.model is not None else Source()
         resolved = self.resolved_spec(spec, source)
         if obj["kind"] == "RLJob":
-            from .rl import judge_endpoint, with_judge_url
+            from .rl import judge_endpoint, reward_model_source, with_judge_url, with_reward_model_uri
 
             judge_url, judge_waiting = judge_endpoint(self.kube, obj, spec)
-            if judge_waiting and not (source.waiting or source.failed):
-                source = Source(waiting=judge_waiting, reason="WaitingForJudge")
-            resolved = with_judge_url(resolved, judge_url)
+            reward = reward_model_source(self.kube, obj, spec)
+            if reward.failed and not source.failed:
+                source = replace(source, failed=reward.failed)
+            elif judge_waiting and not (source.waiting or source.failed):
+                source = replace(source, waiting=judge_waiting, reason="WaitingForJudge")
+            elif reward.waiting and not (source.waiting or source.failed):
+                source = replace(source, waiting=reward.waiting)
+            resolved = with_reward_model_uri(with_judge_url(resolved, judge_url), reward.uri)
         secret = spec.checkpoint.secret_ref.name if spec.checkpoint.secret_ref else None
         gang_class: Any = TorchrunGang
         extra: dict[str, Any] = {}
         if obj["kind"] == "RLJob":
             from .rl import RLGang
 
-            gang_class, extra = RLGang, {"rl_spec": spec}
+            gang_class, extra = RLGang, {"rl_spec": spec, "serve_image": self.settings.serve_image}
         builder = gang_class(
             **extra,
             obj=obj, resources=spec.resources, scheduling=spec.scheduling, module=module,

@@ -8,18 +8,29 @@ as `reward.judge.url` in its resolved spec.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
 from .. import contract
-from . import gang, kueue
+from ..api.validation import gpus
+from . import gang, kueue, vllm
 from .children import child_name, downward_env, headless_service, metadata, placement, resources_block, s3_env
 from .kube import RESOURCES
 from .podsecurity import harden
+from .sources import source_of
 from .torchrun import TorchrunGang
+from .training import Source
 
 RUNTIME_MODULE = "kubeforge.runtime.rl.learner"
 ROLLOUT_URLS_ENV = "KUBEFORGE_ROLLOUT_URLS"  # read by kubeforge.runtime.rl.learner
+WEIGHT_SYNC_PORT_ENV = "KUBEFORGE_WEIGHT_SYNC_PORT"  # read by kubeforge.runtime.rl.learner
+
+
+def weight_sync_port(uid: str) -> int:
+    """Learner rank 0's port of the nccl weight-sync group's store; per job, like the rendezvous port (the dev
+    cluster's pods share the host's network) and apart from it (20000-39999)."""
+    return 40000 + zlib.crc32(f"{uid}/weights".encode()) % 10000
 
 
 def judge_endpoint(kube: Any, obj: dict[str, Any], spec: Any) -> tuple[str | None, str | None]:
@@ -37,6 +48,28 @@ def judge_endpoint(kube: Any, obj: dict[str, Any], spec: Any) -> tuple[str | Non
         return None, f"waiting for InferenceDeployment {name} to be Ready (reward.judge; now " \
                      f"{status.get('phase') or 'Pending'})"
     return str(status["endpoint"]), None
+
+
+def reward_model_source(kube: Any, obj: dict[str, Any], spec: Any) -> Source:
+    """reward.model.from resolved like model.from: the source's output URI once it Succeeded, else why the job
+    waits, or a failure when the source failed. Source() when the reward is not a model from another job."""
+    model = getattr(spec.reward, "model", None)
+    ref = getattr(model, "from_", None)
+    if ref is None:
+        return Source()
+    src = kube.get(RESOURCES[ref.kind], obj["metadata"]["namespace"], ref.name)
+    return source_of(ref.kind, ref.name, src, "reward.model.from")
+
+
+def with_reward_model_uri(wire: dict[str, Any], uri: str | None) -> dict[str, Any]:
+    """The resolved spec the runtime reads: the reward model by URI."""
+    if not uri:
+        return wire
+    reward = dict(wire.get("reward") or {})
+    model = {k: v for k, v in (reward.get("model") or {}).items() if k != "from"}
+    model["uri"] = uri
+    reward["model"] = model
+    return {**wire, "reward": reward}
 
 
 def with_judge_url(wire: dict[str, Any], endpoint: str | None) -> dict[str, Any]:
@@ -67,10 +100,15 @@ class RLGang(TorchrunGang):
     gang succeeds."""
 
     rl_spec: Any = None
+    serve_image: str = ""  # the operator's vllm-serve image (rollout.engine vllm, when the spec names none)
 
     @property
     def disaggregated(self) -> bool:
         return self.rl_spec is not None and self.rl_spec.rollout.placement == "disaggregated"
+
+    @property
+    def vllm_rollouts(self) -> bool:
+        return self.disaggregated and self.rl_spec.rollout.engine == "vllm"
 
     def learners(self) -> int:
         return super().gang_size()
@@ -101,7 +139,12 @@ class RLGang(TorchrunGang):
             return self.rollout_pod(rank - self.learners(), rank, attempt, extra, gang_backend)
         p = super().pod(rank, attempt, extra, gang_backend)
         if self.disaggregated:
-            p["spec"]["containers"][0]["env"].append({"name": ROLLOUT_URLS_ENV, "value": ",".join(self.rollout_urls())})
+            c = p["spec"]["containers"][0]
+            c["env"].append({"name": ROLLOUT_URLS_ENV, "value": ",".join(self.rollout_urls())})
+            if self.rl_spec.weight_sync.method == "nccl":
+                port = weight_sync_port(self.obj["metadata"]["uid"])
+                c["env"].append({"name": WEIGHT_SYNC_PORT_ENV, "value": str(port)})
+                c.setdefault("ports", []).append({"name": "weight-sync", "containerPort": port})
         return p
 
     def rollout_pod(self, i: int, rank: int, attempt: int, extra: dict[str, Any],
@@ -117,24 +160,21 @@ class RLGang(TorchrunGang):
         secret = (model.get("secretRef") or {}).get("name") or self.secret_name
         env, env_from = s3_env(secret, self.s3_endpoint)
         volume = {"name": "model", "mountPath": "/models"}
-        image = ro.resources.image or self.default_image  # the CRD defaults none: the operator's image
+        # the CRD defaults no image: the operator's (vllm-serve for vllm, which holds kubeforge too)
+        image = ro.resources.image or (self.serve_image if self.vllm_rollouts else "") or self.default_image
         fetch = {"name": "fetch-model", "image": image, "volumeMounts": [volume],
                  "command": [self.python, "-m", "kubeforge.runtime.fetch", model["uri"], ROLLOUT_MODEL_DIR],
                  "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, *env], "envFrom": env_from}
-        engine = {
-            "name": "engine", "image": image, "volumeMounts": [volume],
-            "command": [self.python, "-m", "kubeforge.runtime.serve.engine", "--model", ROLLOUT_MODEL_DIR,
-                        "--served-model-name", "policy", "--host", f"$({contract.ENV_POD_IP})",
-                        "--port", str(ENGINE_PORT), "--engine-id", f"$({contract.ENV_POD_NAME})",
-                        "--threads", "1"],
-            "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, *downward_env(),
-                    *({"name": e.name, "value": e.value} for e in ro.resources.env)],
-            "ports": [{"name": "http", "containerPort": ENGINE_PORT}],
-            "resources": resources_block(ro.resources),
-        }
+        user_env = [{"name": e.name, "value": e.value} for e in ro.resources.env]
+        if self.vllm_rollouts:
+            engine = self.vllm_engine(i, image, volume, ro, user_env)
+            grace = vllm.GRACE_SECONDS
+        else:
+            engine = self.reference_engine(image, volume, ro, user_env)
+            grace = 30
         pod_spec: dict[str, Any] = {
             "restartPolicy": "Never", "hostname": name, "subdomain": self.rollout_service_name(),
-            "terminationGracePeriodSeconds": 30, "initContainers": [fetch], "containers": [engine],
+            "terminationGracePeriodSeconds": grace, "initContainers": [fetch], "containers": [engine],
             "volumes": [{"name": "model", "emptyDir": {}}], **placement(ro.resources),
         }
         if scheduler:
@@ -143,6 +183,34 @@ class RLGang(TorchrunGang):
             pod_spec["nodeSelector"] = {**pod_spec.get("nodeSelector", {}), **extra["nodeSelector"]}
         harden(pod_spec, list(self.image_pull_secrets))  # Pod Security restricted, as the learners
         return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+
+    def reference_engine(self, image: str, volume: dict[str, Any], ro: Any,
+                         user_env: list[dict[str, Any]]) -> dict[str, Any]:
+        """kubeforge's transformers engine (CPU): weights over http (PUT /kubeforge/v1/weights)."""
+        return {
+            "name": "engine", "image": image, "volumeMounts": [volume],
+            "command": [self.python, "-m", "kubeforge.runtime.serve.engine", "--model", ROLLOUT_MODEL_DIR,
+                        "--served-model-name", "policy", "--host", f"$({contract.ENV_POD_IP})",
+                        "--port", str(ENGINE_PORT), "--engine-id", f"$({contract.ENV_POD_NAME})",
+                        "--threads", "1"],
+            "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, *downward_env(), *user_env],
+            "ports": [{"name": "http", "containerPort": ENGINE_PORT}],
+            "resources": resources_block(ro.resources),
+        }
+
+    def vllm_engine(self, i: int, image: str, volume: dict[str, Any], ro: Any,
+                    user_env: list[dict[str, Any]]) -> dict[str, Any]:
+        """`vllm serve` with kubeforge's worker extension (weights over the learner's broadcast group), one
+        tensor-parallel worker per GPU of the pod, seeded per engine so the engines sample apart."""
+        return {
+            "name": "engine", "image": image, "volumeMounts": [volume],
+            "command": vllm.rollout_command(ROLLOUT_MODEL_DIR, "policy", ENGINE_PORT, max(1, gpus(ro.resources)),
+                                            self.rl_spec.algorithm.seed + i),
+            "env": [*vllm.rollout_env(), *downward_env(), *user_env],
+            "ports": [{"name": "http", "containerPort": ENGINE_PORT, "protocol": "TCP"}],
+            "resources": resources_block(ro.resources),
+            **vllm.vllm_probes(),
+        }
 
     def pod_sets(self, attempt: int) -> list[kueue.PodSet]:
         sets = [kueue.PodSet(s.name, self.learners(), s.template) for s in super().pod_sets(attempt)]

@@ -93,6 +93,47 @@ def vllm_command(
     return argv + list(pool.extra_args)
 
 
+# RLJob rollout engines (rollout.engine vllm, placement disaggregated): `vllm serve` with kubeforge's worker
+# extension, which joins the learner's weight-broadcast group and loads the tensors it receives
+# (kubeforge.runtime.rl.vllm_worker); the learner drives it through the dev endpoints /collective_rpc and
+# /reset_prefix_cache, served only with VLLM_SERVER_DEV_MODE=1 (the rollout Service is headless and internal).
+RL_WORKER_EXTENSION = "kubeforge.runtime.rl.vllm_worker.WeightSyncWorkerExtension"
+
+
+def rollout_command(model_dir: str, served_name: str, port: int, tensor_parallel: int, seed: int,
+                    extra_args: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """argv of an RLJob rollout engine.
+
+    --generation-config vllm: sampling follows the request alone, never the model's generation_config.json
+    (a top_p or top_k there would change the behaviour policy behind the learner's back);
+    --logprobs-mode processed_logprobs: the log-probabilities the engine returns are those of the
+    temperature-scaled distribution it sampled from, the behaviour policy of the off-policy correction."""
+    return [
+        "vllm", "serve", model_dir,
+        "--served-model-name", served_name,
+        "--host", "0.0.0.0",
+        "--port", str(port),
+        "--tensor-parallel-size", str(tensor_parallel),
+        "--worker-extension-cls", RL_WORKER_EXTENSION,
+        "--generation-config", "vllm",
+        "--logprobs-mode", "processed_logprobs",
+        "--seed", str(seed),
+        "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S),
+        *extra_args,
+    ]
+
+
+def rollout_env() -> list[dict[str, Any]]:
+    return [
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+        {"name": "VLLM_SERVER_DEV_MODE", "value": "1"},  # /collective_rpc and /reset_prefix_cache
+        # the learner stops the engine through the extension when training is done: SIGTERM to the API
+        # server, PID 1 of the container (its command is `vllm serve`, no shell in between)
+        {"name": "KUBEFORGE_STOP_PID", "value": "1"},
+    ]
+
+
 def vllm_env(spec: InferenceDeploymentSpec, role: str) -> list[dict[str, Any]]:
     """Engine env: offline model loading, and NIXL's side channel on the pod IP when it is used."""
     env: list[dict[str, Any]] = [
@@ -142,6 +183,7 @@ def vllm_probes() -> dict[str, Any]:
 
 __all__ = [
     "GRACE_SECONDS",
+    "RL_WORKER_EXTENSION",
     "VLLM_VERSION",
     "PRESTOP_SLEEP_S",
     "SHUTDOWN_TIMEOUT_S",
@@ -149,6 +191,8 @@ __all__ = [
     "kv_role",
     "kv_transfer_config",
     "pre_stop",
+    "rollout_command",
+    "rollout_env",
     "vllm_command",
     "vllm_env",
     "vllm_ports",

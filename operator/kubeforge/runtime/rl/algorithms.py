@@ -13,6 +13,8 @@ Shapes: `rewards` [N] with N = prompts x groupSize, completions of one prompt ad
 All policy losses are token-mean: the sum over every completion token of the batch over their count.
 KL against the reference: k1 = logp - ref, k3 = exp(ref - logp) - (ref - logp) - 1 (Schulman's unbiased,
 non-negative estimator), applied only when the coefficient is > 0.
+Off-policy correction of completions a lagging engine sampled: truncated importance sampling, each token's
+surrogate weighted by min(pi_old / pi_sampler, cap) (detached), as verl's and OpenRLHF's "TIS".
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ def policy_loss(
     ref_logp: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_kind: str = "k3",
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LossStats]:
     """Clipped surrogate (PPO/GRPO), token-mean, plus kl_coef x KL to the reference when kl_coef > 0.
     `advantages` is [N] (one per completion) or [N, T] (per token, ppo)."""
@@ -101,7 +104,10 @@ def policy_loss(
     ratio = torch.exp(logp - old_logp)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-    pg = masked_mean(torch.maximum(unclipped, clipped), mask)
+    surrogate = torch.maximum(unclipped, clipped)
+    if is_weights is not None:  # behaviour-policy correction: a constant per token
+        surrogate = surrogate * is_weights.detach()
+    pg = masked_mean(surrogate, mask)
     loss = pg
     kl_value = torch.zeros(())
     if kl_coef > 0:
@@ -113,6 +119,14 @@ def policy_loss(
         clip_frac = masked_mean((clipped > unclipped).float(), mask)
         stats = LossStats(float(pg), float(kl_value), float(clip_frac), float(masked_mean(ratio, mask)))
     return loss, stats
+
+
+def truncated_is_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, has_sampler: torch.Tensor,
+                         cap: float) -> torch.Tensor:
+    """[N, T] min(exp(old - sampler), cap) where the sampler's log-probability is known (`has_sampler` [N]),
+    1 elsewhere (a completion the learner's own weights sampled)."""
+    w = torch.clamp(torch.exp(old_logp.float() - sampler_logp.float()), max=cap)
+    return torch.where(has_sampler.bool().unsqueeze(1), w, torch.ones_like(w))
 
 
 def outcome_token_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,9 @@ One learner step (colocated placement: every rank samples with its own copy of t
    whose rewards are all equal (dynamic sampling) and draws more prompts to fill the batch;
 4. old log-probabilities (and the reference's when klCoef > 0) from one forward pass, then the clipped
    token-mean loss, one optimizer step (gradients averaged over the gang by DDP/FSDP), version + 1.
-Completions sampled with a version other than the learner's are stale: dropped and counted.
+Completions carry the policy version that sampled them; `admit` decides per completion: a lag past
+weightSync.maxLag (default intervalSteps - 1) or an engine that changed mid-batch (-1) is dropped and counted;
+a lag within it is kept with truncated importance weights (offPolicy tis) or dropped (drop).
 
 Checkpoints, resume, SIGTERM, the progress report and the final export are PretrainJob's machinery
 (kubeforge.runtime.checkpointing / report / pretrain): the train state adds the policy version, the prompt
@@ -46,6 +48,7 @@ log = logging.getLogger("kubeforge.rl")
 
 JUDGE_URL_ENV = "KUBEFORGE_JUDGE_URL"  # a judge URL overriding reward.judge.url
 ROLLOUT_URLS_ENV = "KUBEFORGE_ROLLOUT_URLS"  # comma-separated base URLs of the rollout engines (disaggregated)
+WEIGHT_SYNC_PORT_ENV = "KUBEFORGE_WEIGHT_SYNC_PORT"  # rank 0's port of the nccl weight-sync group's store
 CURVE_POINTS = 32
 
 
@@ -71,9 +74,9 @@ def check_spec(spec: RLJobSpec, world_size: int) -> None:
     if spec.rollout.placement == "disaggregated" and not os.environ.get(ROLLOUT_URLS_ENV):
         raise InvalidSpec(f"rollout.placement disaggregated needs the rollout engines' URLs in {ROLLOUT_URLS_ENV} "
                           "(the operator sets it on the learner pods)", "spec.rollout.placement")
-    if spec.rollout.placement == "disaggregated" and spec.weight_sync.method != "http":
-        raise InvalidSpec("this runtime pushes weights to reference engines over http only",
-                          "spec.weightSync.method")
+    if spec.rollout.placement == "disaggregated" and spec.weight_sync.method == "checkpoint":
+        raise InvalidSpec("this runtime pushes weights over http (reference engines) or nccl (vLLM engines), "
+                          "not through the checkpoint store", "spec.weightSync.method")
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -186,6 +189,40 @@ def torch_randint(generator: Any) -> int:
 # ---------------------------------------------------------------------------------------------- one step
 
 
+def max_lag(spec: RLJobSpec) -> int:
+    ws = spec.weight_sync
+    return ws.max_lag if ws.max_lag is not None else ws.interval_steps - 1
+
+
+def admit(comps: list[Completion], learner_version: int, lag_limit: int, off_policy: str) -> list[bool]:
+    """Which completions the learner may train on. Sampled by the learner's own version: yes. By an older one
+    within `lag_limit`: with offPolicy tis, if the sampler's log-probabilities of its tokens are known (the
+    importance weights need them); with drop, no. Older, or from an engine that changed mid-batch (-1): no."""
+    out = []
+    for c in comps:
+        lag = learner_version - c.version
+        if c.version < 0 or lag < 0 or lag > lag_limit:
+            out.append(False)
+        elif lag == 0:
+            out.append(True)
+        else:
+            out.append(off_policy == "tis" and len(c.logprobs) == len(c.completion_ids))
+    return out
+
+
+def sampler_logprobs(comps: list[Completion], width: int, device: Any = None) -> tuple[Any, Any]:
+    """The sampler's log-probabilities [N, width] (0 where unknown) and which completions have them [N]."""
+    import torch
+
+    lp = torch.zeros((len(comps), width), dtype=torch.float32)
+    has = torch.zeros(len(comps), dtype=torch.bool)
+    for i, c in enumerate(comps):
+        if c.logprobs and len(c.logprobs) == len(c.completion_ids):
+            lp[i, :len(c.logprobs)] = torch.tensor(c.logprobs, dtype=torch.float32)
+            has[i] = True
+    return (lp.to(device), has.to(device)) if device is not None else (lp, has)
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -196,6 +233,7 @@ class StepResult:
     stale: int
     skipped_groups: int
     errors: list[str]
+    corrected: int = 0  # completions of an older version kept with importance weights
 
 
 class Learner:
@@ -215,11 +253,27 @@ class Learner:
         self.generator = torch.Generator().manual_seed(seed * 7919 + denv.rank)
         self.remote: Any = None  # HttpRollout when disaggregated
         self.engines: list[Any] = []
+        self.broadcaster: Any = None  # NcclWeightSync on rank 0 with weightSync.method nccl
 
     def use_engines(self, urls: str) -> None:
+        """The rollout engines: reference engines take weights over http; with weightSync.method nccl (vLLM
+        engines with kubeforge's worker extension) rank 0 broadcasts them over a group of its own (NCCL on
+        GPU, gloo on CPU) and the engines' versions are read through /collective_rpc."""
         from .rollout import HttpRollout, engines_from
 
         self.engines = engines_from(urls)
+        if self.spec.weight_sync.method == "nccl":
+            import torch
+
+            from .. import localrun
+            from .vllm_sync import NcclWeightSync, RpcEngineClient
+
+            self.engines = [RpcEngineClient(e.url) for e in self.engines]
+            if self.denv.is_main:
+                host = os.environ.get(contract.ENV_POD_IP) or "127.0.0.1"
+                port = int(os.environ.get(WEIGHT_SYNC_PORT_ENV) or 0) or localrun.free_port()
+                self.broadcaster = NcclWeightSync(self.engines, host, port,
+                                                  "nccl" if torch.cuda.is_available() else "gloo")
         for e in self.engines:
             e.wait_ready()
         self.remote = HttpRollout(self.engines, self.engine_model_name(), self.encode_text, self.eos_id)
@@ -242,7 +296,15 @@ class Learner:
             return False
         if not force and self.version - self.published < self.spec.weight_sync.interval_steps:
             return False
-        if self.denv.is_main:
+        if self.spec.weight_sync.method == "nccl":
+            from .vllm_sync import full_named_tensors
+
+            # FSDP2 shards are gathered by every rank; DDP's replica on rank 0 is whole already
+            tensors = full_named_tensors(kdist.unwrap(self.model)) \
+                if self.denv.is_main or self.choice.strategy == "fsdp" else []
+            if self.denv.is_main:
+                self.broadcaster.push(tensors, self.version)
+        elif self.denv.is_main:
             from .weightsync import push_weights
 
             push_weights(kdist.unwrap(self.model), self.engines, self.version)
@@ -258,8 +320,10 @@ class Learner:
         r = self.spec.rollout
         if self.remote is not None:
             seed = int(torch_randint(self.generator))
+            # the sampler's log-probabilities are needed for the importance weights of a lagging engine's batch
+            want = self.spec.weight_sync.off_policy == "tis" and self.published < self.version
             return self.remote.sample([self.encode(x.prompt) for x in records], self.spec.algorithm.group_size,
-                                      r.max_new_tokens, r.temperature, self.published, seed)
+                                      r.max_new_tokens, r.temperature, self.published, seed, want)
         return sample(kdist.unwrap(self.model), [self.encode(x.prompt) for x in records],
                       self.spec.algorithm.group_size, r.max_new_tokens, r.temperature, self.eos_id, self.pad_id,
                       self.version, self.generator, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
@@ -284,7 +348,7 @@ class Learner:
                 break
             records = prompts.take(need, self.denv.rank, self.denv.world_size)
             comps = self.rollout(records)
-            fresh = [c.version == self.published for c in comps]
+            fresh = admit(comps, self.version, max_lag(self.spec), self.spec.weight_sync.off_policy)
             stale += fresh.count(False)
             texts = [c.text for c in comps]
             scores = self.scorer.score([records[c.prompt_index].prompt for c in comps], texts,
@@ -297,7 +361,7 @@ class Learner:
             informative = alg.informative_groups(rt, g) if a.name == "dapo" else torch.ones(len(records), dtype=torch.bool)
             for gi, rec in enumerate(records):
                 group = comps[gi * g:(gi + 1) * g]
-                if not informative[gi] or not all(c.version == self.published for c in group):
+                if not informative[gi] or not all(fresh[gi * g:(gi + 1) * g]):
                     skipped += 1
                     continue
                 if len(kept_records) < per_rank:
@@ -306,6 +370,7 @@ class Learner:
                     kept_rewards.extend(values[gi * g:(gi + 1) * g])
 
         lengths = [len(c.completion_ids) for c in kept] or [0]
+        corrected = 0
         stats_kl = 0.0
         loss_value = 0.0
         self.model.train()
@@ -323,9 +388,16 @@ class Learner:
                 adv = alg.whiten(adv, batch.completion_mask)
             else:
                 adv = alg.advantages_for(a.name, rewards_t, g, a.scale_rewards)
+            is_weights = None
+            corrected = sum(1 for c in kept if c.version != self.version)
+            if self.spec.weight_sync.off_policy == "tis" and corrected:
+                # truncated importance sampling: the learner's old policy over the sampler's, per token
+                beh, has = sampler_logprobs(kept, old_lp.size(1), dev)
+                lagging = torch.tensor([c.version != self.version for c in kept], device=dev)
+                is_weights = alg.truncated_is_weights(old_lp, beh, has & lagging, self.spec.weight_sync.tis_cap)
             lp, new_values = logprobs_and_values(self.model, batch, temperature)
             loss, st = alg.policy_loss(lp, old_lp, adv, batch.completion_mask, a.clip_range, a.clip_range_high,
-                                       ref_lp, a.kl_coef, a.kl_estimator)
+                                       ref_lp, a.kl_coef, a.kl_estimator, is_weights)
             if a.name == "ppo":
                 loss = loss + 0.5 * alg.value_loss(new_values, old_values, returns, batch.completion_mask,
                                                    a.clip_range)
@@ -341,7 +413,7 @@ class Learner:
         self.scheduler.step()
         self.version += 1
         return StepResult(loss_value, all_rewards, stats_kl, float(sum(lengths)) / len(lengths), failures, stale,
-                          skipped, errors[:3])
+                          skipped, errors[:3], corrected)
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -426,6 +498,7 @@ def run(job: dict[str, Any], spec: RLJobSpec, stop: StopFlag) -> dict[str, Any]:
     def progress(**kw: Any) -> Progress:
         rl = {"policyVersion": learner.version, "engineVersions": [learner.published] * len(learner.engines), "rewardCurve": curve[-CURVE_POINTS:],
               "rewardFailures": totals["failures"], "droppedStale": totals["stale"],
+              "importanceCorrected": totals.get("corrected", 0),
               "initialReward": totals.get("initialReward"), **last.get("rl", {})}
         return Progress(step=step, total_steps=a.steps, tokens=tokens, loss=last.get("loss"),
                         tokens_per_second=last.get("tps"), last_checkpoint=ckpt.last_ref, time=now_rfc3339(),
@@ -456,13 +529,15 @@ def run(job: dict[str, Any], spec: RLJobSpec, stop: StopFlag) -> dict[str, Any]:
             r = torch.tensor(res.rewards or [0.0], dtype=torch.float64)
             flags = torch.tensor([float(r.sum()), float((r ** 2).sum()), float(len(res.rewards)), res.kl,
                                   res.response_length, float(res.failures), float(res.stale), res.loss,
-                                  float(stop.set), float(ckpt.local_done())], dtype=torch.float64)
+                                  float(stop.set), float(ckpt.local_done()), float(res.corrected)],
+                                 dtype=torch.float64)
             tdist.all_reduce(flags)
             n = max(1.0, float(flags[2]))
             mean = float(flags[0]) / n
             std = math.sqrt(max(0.0, float(flags[1]) / n - mean ** 2))
             totals["failures"] += int(flags[5])
             totals["stale"] += int(flags[6])
+            totals["corrected"] = totals.get("corrected", 0) + int(flags[10])
             curve.append({"step": step, "reward": round(mean, 4)})
             if step == 1:
                 totals["initialReward"] = round(mean, 4)
@@ -508,6 +583,8 @@ def run(job: dict[str, Any], spec: RLJobSpec, stop: StopFlag) -> dict[str, Any]:
         if denv.is_main:
             write_termination_message(result)
             reporter.report(progress(output_uri=output_uri), force=True)
+            if learner.broadcaster is not None:
+                learner.broadcaster.close()
             for e in learner.engines:
                 e.shutdown()
         tdist.barrier()

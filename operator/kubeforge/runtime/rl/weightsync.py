@@ -12,8 +12,12 @@ Engine side (`engine_weight_routes`, mounted by kubeforge.runtime.serve.engine):
 
 Learner side: `push_weights` sends the weights; `EngineClient` reads versions and log-probabilities and raises
 `StaleEngine` when an engine's version is not the one the learner published.
-On GPU the same protocol carries only the version; the tensors go over an NCCL group (vLLM's
-`update_weights_from_distributed` path), which the operator renders for the vllm engine.
+
+vLLM's side of the same idea (`weightSync.method: nccl`): the tensors go over a broadcast group
+(kubeforge.runtime.rl.broadcast) into kubeforge's worker extension (kubeforge.runtime.rl.vllm_worker), driven
+through vLLM's dev endpoints `POST /collective_rpc` and `POST /reset_prefix_cache`. The reference engine serves
+those two endpoints as well, with the same extension class over its Hugging Face model (`ReferenceWorker`,
+gloo on CPU), so the learner's NCCL-path client (kubeforge.runtime.rl.vllm_sync) runs against it in tests.
 """
 
 from __future__ import annotations
@@ -23,7 +27,11 @@ import json
 import threading
 from typing import Any
 
+from .vllm_worker import WeightSyncWorkerExtension, rpc_methods
+
 WEIGHTS_PATH = "/kubeforge/v1/weights"
+COLLECTIVE_RPC_PATH = "/collective_rpc"  # vLLM's (VLLM_SERVER_DEV_MODE=1)
+RESET_PREFIX_CACHE_PATH = "/reset_prefix_cache"  # vLLM's (VLLM_SERVER_DEV_MODE=1)
 LOGPROBS_PATH = "/kubeforge/v1/logprobs"
 SHUTDOWN_PATH = "/kubeforge/v1/shutdown"
 
@@ -62,6 +70,38 @@ def load_weights(model: Any, blob: bytes) -> int:
                 raise ValueError(f"{k}: shape {tuple(v.shape)} != {tuple(own[k].shape)}")
             own[k].copy_(v.to(own[k].dtype))
     return len(new)
+
+
+class ReferenceWorker(WeightSyncWorkerExtension):
+    """The worker extension over the reference engine's model: what `_kf_load` gets goes into the Hugging Face
+    parameters in place (names as in its state dict), under the engine's lock; after an update the engine's KV
+    store is cleared and its HTTP version fence moves too."""
+
+    def __init__(self, engine: Any, lock: Any) -> None:
+        self.engine, self.lock = engine, lock
+
+    def _kf_rank(self) -> int:
+        return 0
+
+    def _kf_device(self) -> Any:
+        return next(self.engine.model.parameters()).device
+
+    def _kf_load(self, weights: list[tuple[str, Any]]) -> None:
+        import torch
+
+        with self.lock, torch.no_grad():
+            own = self.engine.model.state_dict()
+            for name, t in weights:
+                if name not in own:
+                    raise ValueError(f"{name}: not a tensor of the engine's model")
+                if own[name].shape != t.shape:
+                    raise ValueError(f"{name}: shape {tuple(t.shape)} != {tuple(own[name].shape)}")
+                own[name].copy_(t.to(own[name].dtype))
+
+    def _kf_loaded(self, version: int) -> None:
+        with self.lock:
+            self.engine.store.clear()  # its KV entries were computed with the old weights
+            self.engine.policy_version = version
 
 
 def teacher_forced_logprobs(model: Any, prompt_ids: list[int], completion_ids: list[int],
@@ -127,6 +167,29 @@ def engine_weight_routes(engine: Any) -> list[Any]:
         lps, version = await asyncio.to_thread(run)
         return JSONResponse({"logprobs": lps, "version": version})
 
+    worker = ReferenceWorker(engine, lock)
+
+    async def collective_rpc(request: Request) -> JSONResponse:
+        """vLLM's dev endpoint, for kubeforge's extension methods only: {"method", "args": [str], "kwargs"}
+        -> {"results": [one per worker]} (the reference engine is one worker)."""
+        try:
+            body = json.loads(await request.body())
+            method, args, kwargs = body["method"], [str(a) for a in body.get("args", [])], body.get("kwargs") or {}
+        except (ValueError, KeyError, TypeError) as exc:
+            return JSONResponse({"error": f"bad request: {exc}"}, status_code=400)
+        if method not in rpc_methods(worker):
+            return JSONResponse({"error": f"unknown method {method!r}"}, status_code=400)
+        try:
+            result = await asyncio.to_thread(getattr(worker, method), *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - reported to the learner; the old weights stay
+            return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, status_code=500)
+        return JSONResponse({"results": [result]})
+
+    async def reset_prefix_cache(request: Request) -> JSONResponse:
+        with lock:
+            engine.store.clear()
+        return JSONResponse({})
+
     async def shutdown(request: Request) -> JSONResponse:
         """The learner is done: stop like on SIGTERM (drain, exit 0), so a rollout pod of an RLJob's gang
         succeeds with the learners."""
@@ -137,7 +200,9 @@ def engine_weight_routes(engine: Any) -> list[Any]:
         return JSONResponse({"stopping": True})
 
     return [Route(WEIGHTS_PATH, put_weights, methods=["PUT"]), Route(WEIGHTS_PATH, get_weights, methods=["GET"]),
-            Route(LOGPROBS_PATH, logprobs, methods=["POST"]), Route(SHUTDOWN_PATH, shutdown, methods=["POST"])]
+            Route(LOGPROBS_PATH, logprobs, methods=["POST"]), Route(SHUTDOWN_PATH, shutdown, methods=["POST"]),
+            Route(COLLECTIVE_RPC_PATH, collective_rpc, methods=["POST"]),
+            Route(RESET_PREFIX_CACHE_PATH, reset_prefix_cache, methods=["POST"])]
 
 
 class EngineClient:
