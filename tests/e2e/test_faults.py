@@ -17,6 +17,7 @@ import base64
 import copy
 import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,15 @@ def through_proxy(obj: dict[str, Any]) -> dict[str, Any]:
 def store_of(cluster: ClusterHandle, obj: dict[str, Any]) -> CheckpointStore:
     """The job's checkpoints read straight from the S3 server (not through the proxy)."""
     return CheckpointStore(obj["spec"]["checkpoint"]["uri"], client=make_client(env=cluster.s3_env))
+
+
+def diagnose(jobs: Jobs, name: str) -> str:
+    """What a failed wait leaves behind: the status, the pods and the events."""
+    pods = [(p["metadata"]["name"], p["metadata"]["labels"].get("kubeforge.dev/attempt"), p["spec"].get("nodeName"),
+             (p.get("status") or {}).get("phase"), bool(p["metadata"].get("deletionTimestamp")))
+            for p in jobs.pods(name)]
+    events = [(e["reason"], e["message"][:200]) for e in jobs.events(name)]
+    return f"\nstatus: {jobs.status(KIND, name)}\npods: {pods}\nevents: {events}"
 
 
 def ckpt_step(st: dict[str, Any]) -> int:
@@ -216,6 +226,7 @@ def test_s3_faults_during_restore_never_load_a_partial_checkpoint_nor_start_over
         assert failed_reads, "the restore never reached the store"
 
         # 2) the store answers again, with transient faults on exactly what a restore reads
+        mark = time.time()
         faulty.clear()
         faulty.add("error", status=503, method="GET", path=step_path(obj, None, "__"), times=3)
         faulty.add("stall", method="GET", path=step_path(obj, None, "manifest.json"), seconds=30)
@@ -225,8 +236,11 @@ def test_s3_faults_during_restore_never_load_a_partial_checkpoint_nor_start_over
                               and (s.get("progress") or {}).get("step", 0) > committed and s["progress"])(
             jobs.status(KIND, "restorefaults")), 300, "progress from the gang that restored")
         assert first["loss"] < 4.5, "the loss restarted from its initial value: the checkpoint was not loaded"
+        met = [r for r in faulty.records(path=step_path(obj)) if r.time >= mark]
         for fault in ("error", "stall", "reset", "slow"):
-            assert faulty.records("GET", step_path(obj), fault=fault), f"the restore met no {fault} fault"
+            assert [r for r in met if r.fault == fault], (
+                f"the restore met no {fault} fault: {[(r.method, r.path[-40:], r.status, r.fault) for r in met]}"
+                + diagnose(jobs, "restorefaults"))
         st = jobs.wait_phase(KIND, "restorefaults", {"Succeeded", "Failed"}, timeout=400)
     finally:
         watch.stop()
@@ -316,9 +330,12 @@ def test_node_loss_recreates_the_gang_on_the_surviving_node_without_spending_res
         st = jobs.status(KIND, "nodeloss")
         assert st["restarts"] == 0 and st["preemptions"] >= 1, st
         # the next gang runs on the node that is left, resuming from the newest committed checkpoint
-        pods = wait(lambda: (lambda ps: len(ps) == 2 and all(
-            p["metadata"]["labels"]["kubeforge.dev/attempt"] != "0" and p["status"].get("phase") == "Running"
-            for p in ps) and ps)(jobs.pods("nodeloss")), 240, "the gang running again")
+        try:
+            pods = wait(lambda: (lambda ps: len(ps) == 2 and all(
+                p["metadata"]["labels"]["kubeforge.dev/attempt"] != "0" and p["status"].get("phase") == "Running"
+                for p in ps) and ps)(jobs.pods("nodeloss")), 240, "the gang running again")
+        except AssertionError as e:
+            raise AssertionError(str(e) + diagnose(jobs, "nodeloss")) from None
         assert {p["spec"]["nodeName"] for p in pods} == {survivor}
         committed = store_of(cluster, obj).latest_committed_checkpoint()
         assert committed is not None and committed.step >= ckpt_step(at_loss)
