@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from kubeforge.controller.conditions import parse_time
 from kubeforge.devcluster.faultproxy import FaultProxy
 from kubeforge.devcluster.testing import ClusterHandle
 from kubeforge.storage import CheckpointStore, make_client
@@ -226,15 +227,17 @@ def test_s3_faults_during_restore_never_load_a_partial_checkpoint_nor_start_over
         assert failed_reads, "the restore never reached the store"
 
         # 2) the store answers again, with transient faults on exactly what a restore reads
-        mark = time.time()
+        mark = int(time.time())  # status times have whole seconds
         faulty.clear()
         faulty.add("error", status=503, method="GET", path=step_path(obj, None, "__"), times=3)
         faulty.add("stall", method="GET", path=step_path(obj, None, "manifest.json"), seconds=30)
         faulty.add("reset", method="GET", path=step_path(obj, None, r"\.metadata"))
         faulty.add("slow", method="GET", path=step_path(obj, None, "__0_0"), rate=256_000)
+        # progress stays in the status across attempts: wait for a report the restored gang wrote
         first = wait(lambda: (lambda s: s.get("phase") == "Running" and s.get("attempt", 0) >= 2
-                              and (s.get("progress") or {}).get("step", 0) > committed and s["progress"])(
-            jobs.status(KIND, "restorefaults")), 300, "progress from the gang that restored")
+                              and (p := s.get("progress") or {}).get("step", 0) > committed
+                              and parse_time(p.get("updatedAt") or "1970-01-01T00:00:00Z").timestamp() >= mark
+                              and p)(jobs.status(KIND, "restorefaults")), 300, "progress from the gang that restored")
         assert first["loss"] < 4.5, "the loss restarted from its initial value: the checkpoint was not loaded"
         met = [r for r in faulty.records(path=step_path(obj)) if r.time >= mark]
         for fault in ("error", "stall", "reset", "slow"):
@@ -313,7 +316,9 @@ def test_node_loss_recreates_the_gang_on_the_surviving_node_without_spending_res
         operator: Operator, jobs: Jobs, cluster: ClusterHandle):
     assert cluster.dev is not None
     # 3 CPUs each on 8-CPU nodes: the scheduler spreads the pair over both nodes, and both fit on one
-    obj = tiny(jobs, "nodeloss", steps=150, interval=10, runPolicy={"maxRestarts": 0, "backoffSeconds": 1})
+    # a short grace: the survivor of a lost peer may hang in a collective that cannot finish (see reliability.md)
+    obj = tiny(jobs, "nodeloss", steps=300, interval=10, runPolicy={"maxRestarts": 0, "backoffSeconds": 1,
+                                                                    "terminationGracePeriodSeconds": 20})
     obj["spec"]["resources"]["requests"] = {"cpu": "3", "memory": "2Gi"}
     jobs.create(obj)
     wait(lambda: ckpt_step(jobs.status(KIND, "nodeloss")) >= 10, 240, "a committed checkpoint")
@@ -347,7 +352,7 @@ def test_node_loss_recreates_the_gang_on_the_surviving_node_without_spending_res
         st = jobs.wait_phase(KIND, "nodeloss", {"Succeeded", "Failed"}, timeout=400)
     finally:
         cluster.dev.start_node(victim)
-    assert st["phase"] == "Succeeded" and st["restarts"] == 0 and st["progress"]["step"] == 150, st
+    assert st["phase"] == "Succeeded" and st["restarts"] == 0 and st["progress"]["step"] == 300, st
     node_lost_events = [e for e in jobs.events("nodeloss") if e["reason"] == "NodeLost"]
     assert f"node {victim} was lost (node.kubernetes.io/unreachable:NoExecute" in node_lost_events[0]["message"]
     wait(lambda: node_ready(cluster, victim), 120, f"{victim} Ready and untainted again")

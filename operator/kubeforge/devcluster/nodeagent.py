@@ -382,6 +382,26 @@ class ContainerRun:
 # ------------------------------------------------------------------------------------------------ pods
 
 
+def descendants(root: int) -> list[int]:
+    """Every live descendant of a process (from /proc's parent pids), whatever session or group it is in."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 class PodWorker(threading.Thread):
     """Runs one pod: volumes, init containers, containers, probes, restarts, status, graceful deletion."""
 
@@ -443,6 +463,12 @@ class PodWorker(threading.Thread):
                 if self.lost:  # a machine that dies sends no SIGTERM and reports nothing
                     for c in self.inits + self.mains:
                         if c.proc is not None and c.proc.poll() is None:
+                            # children in sessions of their own (torchrun's workers) die with the machine too
+                            for pid in descendants(c.proc.pid):
+                                try:
+                                    os.kill(pid, signal.SIGKILL)
+                                except OSError:
+                                    pass
                             kill_group(c.proc.pid, signal.SIGKILL)
                             c.proc.wait()
                             self._poll(c)
