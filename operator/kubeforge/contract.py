@@ -47,4 +47,5 @@ LABEL_ATTEMPT = "kubeforge.dev/attempt"
 # Runtime exit codes the operator interprets (sysexits.h where one fits)
 EXIT_OK = 0
 EXIT_INVALID_SPEC = 78  # EX_CONFIG: the spec is wrong; retrying cannot help -> job Failed at once
+REASON_PEER_LOST = "PeerLost"  # termination message reason: a collective lost its connection to another rank
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped on request after writing a checkpoint

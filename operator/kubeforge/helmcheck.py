@@ -97,6 +97,7 @@ def required_permissions(resources: Mapping[str, Any] | None = None) -> dict[tup
             add((res.group, res.plural), VERB_OVERRIDES.get(kind, CHILD_VERBS))
     add((kueue.GROUP, "workloads"), CHILD_VERBS)
     add((kueue.GROUP, "workloads/status"), {"patch"})
+    add(("", "nodes"), {"get"})  # the reconciler reads the Node of a pod that looks cut off (node loss)
     for key, verbs in KOPF_NEEDS.items():
         add(key, verbs)
     for key, verbs in granted_by_operator().items():  # held by the operator itself: no bind/escalate

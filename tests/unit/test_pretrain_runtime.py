@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -134,6 +135,44 @@ def test_a_diverged_run_fails_at_once_or_restarts_per_its_policy() -> None:
     with pytest.raises(FloatingPointError) as restart:
         check_loss(float("inf"), 7, "Restart")
     assert exit_for(restart.value)[0] == 1
+
+
+PEER_SCRIPT = """
+import os, sys
+import torch, torch.distributed as dist
+from kubeforge.runtime.pretrain import exit_for
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=rank, world_size=2)
+t = torch.ones(4)
+dist.all_reduce(t)
+if rank == 1:
+    os.kill(os.getpid(), 9)  # a rank whose node died
+try:
+    for _ in range(1000):
+        dist.all_reduce(t)
+except Exception as exc:
+    print(exit_for(exc)[1]["reason"])
+"""
+
+
+def test_a_rank_whose_peer_died_exits_with_reason_peer_lost(tmp_path: Path) -> None:
+    """What gloo raises on the survivor when another rank's process dies is classified PeerLost, so the
+    operator waits to learn whether a node was lost before it spends the restart budget."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = tmp_path / "peer.py"
+    script.write_text(PEER_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "operator")}
+    dead = subprocess.Popen([sys.executable, str(script), "1", port], env=env)
+    try:
+        out = subprocess.run([sys.executable, str(script), "0", port], env=env, capture_output=True, text=True,
+                             timeout=300)
+    finally:
+        dead.wait(60)
+    assert out.stdout.strip().splitlines()[-1:] == [contract.REASON_PEER_LOST], out.stdout + out.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------------ data stream

@@ -546,3 +546,81 @@ def test_a_missing_priority_class_holds_the_job_with_a_reason():
     c.priority_error = "WorkloadPriorityClass 'urgent' does not exist; create it, or name another one"
     p = plan(c, Observed(), T0)
     assert p.workload is None and p.status.phase == "Pending" and "urgent" in p.status.message
+
+
+# --- node loss -------------------------------------------------------------------------------------------
+
+
+def on_node(p: dict, node: str, ready: bool = True) -> dict:
+    p["spec"] = {"nodeName": node}
+    p["status"]["conditions"] = [{"type": "Ready", "status": "True" if ready else "False"}]
+    return p
+
+
+def peer_lost(rank: int, finished: datetime) -> dict:
+    msg = json.dumps({"reason": contract.REASON_PEER_LOST, "message": "RuntimeError: Connection closed by peer"})
+    p = pod(rank, "Failed", exit_code=1, message=msg)
+    p["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = rfc3339(finished)
+    return p
+
+
+def test_a_lost_node_restarts_the_gang_without_spending_the_budget_and_force_deletes_its_pods():
+    pods = [on_node(pod(0), "n0"), on_node(pod(1), "n1", ready=False)]
+    lost = {"n1": "node.kubernetes.io/unreachable:NoExecute since 2026-11-23T12:00:00Z"}
+    p = plan(ctx(job(running_status(restarts=1))), Observed(pods=pods, lost_nodes=lost), T0)
+    assert p.status.phase == "Restarting" and p.status.attempt == 1
+    assert p.status.restarts == 1 and p.status.preemptions == 1 and p.status.backoff_until is None
+    assert p.events[0].reason == "NodeLost" and "node n1 was lost (node.kubernetes.io/unreachable" in p.events[0].message
+    # the survivor is stopped gracefully (it writes nothing it could not), the lost one goes with no grace
+    assert p.delete_pods == ["ptj-worker-0"] and p.force_delete_pods == ["ptj-worker-1"]
+
+
+def test_a_previous_gangs_pod_stuck_terminating_on_a_lost_node_is_force_deleted():
+    status = running_status(attempt=1, phase="Restarting", gangCreatedAt=None)
+    stuck = on_node(pod(1, deleting=True), "n1", ready=False)
+    p = plan(ctx(job(status)), Observed(pods=[stuck], lost_nodes={"n1": "node.kubernetes.io/unreachable"}), T0)
+    assert p.force_delete_pods == ["ptj-worker-1"] and p.delete_pods == [] and p.create == []
+    # without the node being declared lost the graceful delete is left to finish
+    p = plan(ctx(job(status)), Observed(pods=[stuck], late_nodes={"n1"}), T0)
+    assert p.force_delete_pods == [] and p.requeue_after is not None and p.requeue_after <= 5
+
+
+def test_a_pod_that_only_lost_a_peer_waits_for_the_cause_then_counts_as_a_failure():
+    pods = [on_node(pod(0), "n0"), peer_lost(1, T0)]
+    # the other rank still looks alive: its node may be dead and not declared lost yet
+    p = plan(ctx(job(running_status())), Observed(pods=pods), T0 + timedelta(seconds=30))
+    assert p.delete_pods == [] and p.status.restarts == 0 and p.status.attempt == 0
+    assert "lost its connection to another rank" in (p.status.message or "") and p.requeue_after <= 5
+    # the node is declared lost meanwhile: no restart spent
+    lost = {"n0": "node.kubernetes.io/unreachable:NoExecute"}
+    p = plan(ctx(job(running_status())), Observed(pods=pods, lost_nodes=lost), T0 + timedelta(seconds=55))
+    assert p.events[0].reason == "NodeLost" and p.status.restarts == 0 and p.status.preemptions == 1
+    # nothing explains it within the hold: a failure after all
+    p = plan(ctx(job(running_status())), Observed(pods=pods), T0 + timedelta(seconds=91))
+    assert p.events[0].reason == "PodFailed" and p.status.restarts == 1
+
+
+def test_a_real_failure_beside_a_lost_peer_is_counted_at_once():
+    pods = [pod(0, "Failed", exit_code=1, message="CUDA error"), peer_lost(1, T0)]
+    p = plan(ctx(job(running_status())), Observed(pods=pods), T0 + timedelta(seconds=1))
+    assert p.events[0].reason == "PodFailed" and p.status.restarts == 1
+    # every rank lost its peers (a partition): nothing left alive to wait for
+    p = plan(ctx(job(running_status())), Observed(pods=[peer_lost(0, T0), peer_lost(1, T0)]), T0)
+    assert p.events[0].reason == "PodFailed" and p.status.restarts == 1
+
+
+def test_node_health_reading():
+    from kubeforge.controller import pods as P
+
+    tainted = {"spec": {"taints": [{"key": "node.kubernetes.io/unreachable", "effect": "NoSchedule"},
+                                   {"key": "node.kubernetes.io/unreachable", "effect": "NoExecute",
+                                    "timeAdded": "2026-11-23T12:00:00Z"}]},
+               "status": {"conditions": [{"type": "Ready", "status": "Unknown"}]}}
+    assert P.node_lost(tainted) == "node.kubernetes.io/unreachable:NoExecute since 2026-11-23T12:00:00Z"
+    assert P.node_lost(None) == "the Node object was deleted"
+    only_noschedule = {"spec": {"taints": [tainted["spec"]["taints"][0]]}, "status": tainted["status"]}
+    assert P.node_lost(only_noschedule) is None and not P.node_ready(only_noschedule)
+    healthy = {"spec": {}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+    assert P.node_lost(healthy) is None and P.node_ready(healthy)
+    assert P.on_suspect_node(on_node(pod(0), "n0", ready=False))
+    assert not P.on_suspect_node(on_node(pod(0), "n0")) and not P.on_suspect_node(pod(0))

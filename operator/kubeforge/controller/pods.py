@@ -11,6 +11,10 @@ from kubeforge import contract
 from .conditions import parse_time
 
 DISRUPTION_REASONS = frozenset({"Evicted", "Preempting", "Shutdown", "NodeShutdown", "Terminated", "NodeLost"})
+# NoExecute taints the node lifecycle controller puts on a node whose kubelet stopped reporting (unreachable)
+# or reports NotReady, and the one an administrator puts on a node that is shut down (out-of-service)
+LOST_NODE_TAINTS = ("node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready",
+                    "node.kubernetes.io/out-of-service")
 
 
 def name(pod: dict[str, Any]) -> str:
@@ -114,3 +118,43 @@ def final_report(pod: dict[str, Any]) -> dict[str, Any] | None:
     except ValueError:
         return None
     return report if isinstance(report, dict) else None
+
+
+def node_name(pod: dict[str, Any]) -> str | None:
+    return (pod.get("spec") or {}).get("nodeName") or None
+
+
+def on_suspect_node(pod: dict[str, Any]) -> bool:
+    """A bound, unfinished pod that is not Ready, or is being deleted: what a pod on a dead node looks like
+    (the node lifecycle controller marks its pods NotReady). Only for these does the reconciler read the Node."""
+    return bool(node_name(pod)) and phase(pod) not in ("Succeeded", "Failed") and (deleting(pod) or not ready(pod))
+
+
+def node_lost(node: dict[str, Any] | None) -> str | None:
+    """Why the pods on this node are lost (the Node is gone, or tainted unreachable / not-ready /
+    out-of-service with NoExecute), or None while it is healthy or only late."""
+    if node is None:
+        return "the Node object was deleted"
+    for t in (node.get("spec") or {}).get("taints") or []:
+        if t.get("key") in LOST_NODE_TAINTS and t.get("effect") == "NoExecute":
+            since = f" since {t['timeAdded']}" if t.get("timeAdded") else ""
+            return f"{t['key']}:NoExecute{since}"
+    return None
+
+
+def node_ready(node: dict[str, Any] | None) -> bool:
+    return node is not None and any(c.get("type") == "Ready" and c.get("status") == "True"
+                                    for c in (node.get("status") or {}).get("conditions") or [])
+
+
+def peer_lost(pod: dict[str, Any]) -> bool:
+    """The runtime said it failed because another rank went away (contract.REASON_PEER_LOST)."""
+    return (final_report(pod) or {}).get("reason") == contract.REASON_PEER_LOST
+
+
+def finished_at(pod: dict[str, Any]) -> datetime | None:
+    raw = (terminated_state(pod) or {}).get("finishedAt")
+    try:
+        return parse_time(raw) if isinstance(raw, str) else None
+    except ValueError:
+        return None

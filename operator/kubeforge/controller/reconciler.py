@@ -49,6 +49,7 @@ def merge_patch_diff(old: Any, new: Any) -> Any:
     return None if old == new else new
 
 
+NODES = Resource("", "v1", "nodes", namespaced=False)  # read only, for pods that look cut off (node_health)
 # Children kubeforge keeps in step with the spec after creating them (the rest are create-once).
 UPDATABLE = {"ConfigMap": "data", "Role": "rules"}
 
@@ -209,6 +210,7 @@ class Reconciler:
         labelled = self.kube.list(RESOURCES["Pod"], ns, selector(obj))
         observed = Observed(pods=[p for p in labelled if owned_by(obj, p)],
                             foreign=[p for p in labelled if not owned_by(obj, p)], source=source)
+        observed.lost_nodes, observed.late_nodes = self.node_health(observed.pods)
         version = "v1beta2"
         queue, priority, priority_error = self.kueue_queue_and_priority(obj, spec)
         if queue or spec.scheduling.gang == "kueue":
@@ -226,6 +228,21 @@ class Reconciler:
         result = plan(ctx, observed, self.clock())
         self.apply(obj, result, observed)
         return result.requeue_after
+
+    def node_health(self, job_pods: list[dict[str, Any]]) -> tuple[dict[str, str], set[str]]:
+        """Nodes of this job's pods that are lost (name -> why) and those that are not Ready but not tainted
+        yet. Reads a Node only for a pod that looks cut off (not Ready, or deleting), so a healthy gang
+        costs no extra call."""
+        lost: dict[str, str] = {}
+        late: set[str] = set()
+        for node in sorted({pods.node_name(p) or "" for p in job_pods if pods.on_suspect_node(p)}):
+            obj = self.kube.get(NODES, None, node)
+            why = pods.node_lost(obj)
+            if why:
+                lost[node] = why
+            elif not pods.node_ready(obj):
+                late.add(node)
+        return lost, late
 
     def kueue_queue_and_priority(self, obj: dict[str, Any], spec: Any
                                  ) -> tuple[str | None, kueue.WorkloadPriority | None, str | None]:
@@ -283,9 +300,11 @@ class Reconciler:
         # the status first when pods go: it records why (a failure spends the restart budget), so an operator
         # killed between the two finds the next attempt recorded and deletes the old pods as stale, instead
         # of finding them gone and taking the failure for a preemption
-        written = bool(result.delete_pods) and self.write_status(obj, result.status)
+        written = bool(result.delete_pods or result.force_delete_pods) and self.write_status(obj, result.status)
         for pod in result.delete_pods:
             self.kube.delete(RESOURCES["Pod"], ns, pod)
+        for pod in result.force_delete_pods:  # on a lost node: nobody would confirm a graceful delete
+            self.kube.delete(RESOURCES["Pod"], ns, pod, grace_seconds=0)
         for manifest in result.create:
             self.apply_child(manifest)
         if not written:

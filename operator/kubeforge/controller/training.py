@@ -12,6 +12,10 @@ Gang lifecycle, per attempt:
   Kueue eviction, or the
   gang not running in time  -> tear the gang down, attempt+1, preemptions+1 (no restart budget spent)
   no progress in time       -> a hung collective: counts as a failure
+  a node lost (NoExecute
+  unreachable/not-ready)    -> tear down, force-delete the pods there (no kubelet will), preemptions+1
+  pods failed only because
+  a peer went away          -> wait up to PEER_LOST_HOLD_S for the cause (a lost node costs no restart)
   suspend                   -> pods get SIGTERM (the runtime checkpoints), phase Suspended
 """
 
@@ -31,6 +35,10 @@ from .conditions import find, parse_time, rfc3339, set_condition, set_kstatus
 from .lineage import SOURCE_FAILED, Source
 
 TERMINAL = ("Succeeded", "Failed")
+# How long a gang whose failed pods only lost a peer (contract.REASON_PEER_LOST) waits for the cause before
+# counting a failure: a dead node is taken for lost after the controller-manager's --node-monitor-grace-period
+# (50 s by default) plus its monitor period (5 s), and then it is an infrastructure failure, like a preemption.
+PEER_LOST_HOLD_S = 90
 
 
 @dataclass
@@ -41,6 +49,8 @@ class Observed:
     workload: dict[str, Any] | None = None
     flavors: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: Source = field(default_factory=Source)
+    lost_nodes: dict[str, str] = field(default_factory=dict)  # node name -> why its pods are lost
+    late_nodes: set[str] = field(default_factory=set)  # not Ready, not (yet) tainted: look again soon
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,7 @@ class Plan:
     status: JobStatus
     create: list[dict[str, Any]] = field(default_factory=list)
     delete_pods: list[str] = field(default_factory=list)
+    force_delete_pods: list[str] = field(default_factory=list)  # on a lost node: no kubelet confirms a delete
     workload: dict[str, Any] | None = None
     workload_status_patch: dict[str, Any] | None = None
     events: list[Event] = field(default_factory=list)
@@ -197,6 +208,7 @@ class _Planner:
     # --- the decision ------------------------------------------------------------------------------
     def run(self) -> Plan:
         self.decide()
+        self.release_lost_pods()
         self.progress()
         self.conditions()
         if self.old.phase != self.status.phase and self.status.phase and not self.plan.events:
@@ -237,6 +249,18 @@ class _Planner:
         if self.backend == "kueue":
             self.report_pods_ready()
         return None
+
+    def release_lost_pods(self) -> None:
+        """Pods on a lost node never finish terminating (no kubelet confirms it), and the next gang reuses
+        their names: delete them with no grace, as the node's pod GC would once the node is declared gone."""
+        lost = self.observed.lost_nodes
+        for p in self.observed.pods:
+            if pods.node_name(p) in lost and pods.name(p) not in self.plan.force_delete_pods and (
+                    pods.deleting(p) or pods.name(p) in self.plan.delete_pods):
+                self.plan.force_delete_pods.append(pods.name(p))
+        self.plan.delete_pods = [n for n in self.plan.delete_pods if n not in self.plan.force_delete_pods]
+        if self.observed.late_nodes:
+            self.requeue(5)
 
     def report_pods_ready(self) -> None:
         """Kueue's waitForPodsReady: PodsReady on the Workload once the whole gang runs and is ready."""
@@ -390,12 +414,19 @@ class _Planner:
                 reason = str(report.get("reason") or "InvalidSpec")
                 return self.finish(False, reason, f"{pods.name(p)}: {msg}")
         for p in sorted(cur, key=pods.index):
+            node = pods.node_name(p)
+            if node in self.observed.lost_nodes:
+                return self.teardown("NodeLost", f"node {node} was lost ({self.observed.lost_nodes[node]}) with "
+                                     f"pod {pods.name(p)}", failure=False)
+        for p in sorted(cur, key=pods.index):
             why = pods.disrupted(p)
             if why:
                 return self.teardown("Preempted", f"pod {pods.name(p)} was taken away ({why})", failure=False)
         # a failed pod is a failure even while it is being deleted: the operator may have deleted the gang
         # and died before writing the status that counted the restart
         failed = [p for p in sorted(cur, key=pods.index) if pods.phase(p) == "Failed"]
+        if failed and all(pods.peer_lost(p) for p in failed) and self.hold_for_cause(cur, failed):
+            return None
         if failed:
             p = failed[0]
             detail = f"pod {pods.name(p)} failed with exit code {pods.exit_code(p)}"
@@ -433,6 +464,22 @@ class _Planner:
         s.message = f"{size}/{size} pods running (attempt {s.attempt})"
         s.start_time = s.start_time or rfc3339(self.now)
         return self.check_progress_deadline(created)
+
+    def hold_for_cause(self, cur: list[dict[str, Any]], failed: list[dict[str, Any]]) -> bool:
+        """The failed pods only lost a peer while other pods still look alive: the cause may be a node that
+        died (not counted against maxRestarts) and is not declared lost yet. Wait for it, PEER_LOST_HOLD_S at
+        most; True while waiting."""
+        alive = [p for p in cur if pods.phase(p) not in TERMINAL and not pods.deleting(p)]
+        if not alive:
+            return False
+        first = min((t for p in failed if (t := pods.finished_at(p)) is not None), default=self.now)
+        left = (first + timedelta(seconds=PEER_LOST_HOLD_S) - self.now).total_seconds()
+        if left <= 0:
+            return False
+        self.status.message = (f"pod {pods.name(failed[0])} lost its connection to another rank; waiting up to "
+                               f"{int(left)}s to learn whether a node was lost before counting a failure")
+        self.requeue(min(left, 5))
+        return True
 
     def complete_gang(self, missing: list[int]) -> None:
         b = self.ctx.builder

@@ -549,6 +549,43 @@ class DevCluster:
     def stop_process(self, name: str, grace: float = 10.0) -> None:
         self._stop(name, grace)
 
+    # ------------------------------------------------------------------------------------------- faults
+    def restart_component(self, name: str, down_seconds: float = 0.0, grace: float = 10.0) -> None:
+        """Stop a running component (SIGTERM, SIGKILL after `grace`; grace <= 0: a crash), leave it down for
+        `down_seconds`, and start it again with the same command line; returns once it is healthy."""
+        comp = (self.state.get("components") or {}).get(name)
+        if comp is None or self._alive(name) is None:
+            raise RuntimeError(f"{name} is not running")
+        argv = list(comp["argv"])
+        self._stop(name, grace)
+        time.sleep(down_seconds)
+        env = self._pkg_env() if name in ("nodeagent", "watchdog") else {}
+        _err(f"dev-cluster: restarting {name}")
+        self._spawn(Component(name, argv, env=env, health=self._health_checks().get(name),
+                              start_timeout=90, drop_env=DATA_CREDENTIALS if name == "kueue" else ()))
+
+    def restart_apiserver(self, down_seconds: float = 0.0, grace: float = 10.0) -> None:
+        """Stop kube-apiserver and start it again (etcd keeps the state): clients see connection errors,
+        then watches that must resume or relist."""
+        self.restart_component("kube-apiserver", down_seconds, grace)
+        self._bootstrap_api()
+
+    def _node_control(self, node: str, action: str) -> dict[str, Any]:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.ports['nodeagent']}/nodes/{node}/{action}",
+                                     method="POST", data=b"")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return dict(json.loads(r.read() or b"{}"))
+
+    def stop_node(self, node: str) -> list[str]:
+        """Simulate losing one node (its kubelet or machine dies): no more heartbeats, its pods' processes
+        killed, nothing reported. The node lifecycle controller marks it NotReady/unreachable after
+        --node-monitor-grace-period. Returns the pods that were lost ("ns/name")."""
+        return list(self._node_control(node, "stop").get("lost", []))
+
+    def start_node(self, node: str) -> None:
+        """The node's kubelet is back: heartbeats resume; pods bound to it are taken up again."""
+        self._node_control(node, "start")
+
     def down(self, purge: bool = False) -> None:
         with self._locked():
             self._down(purge)

@@ -382,6 +382,26 @@ class ContainerRun:
 # ------------------------------------------------------------------------------------------------ pods
 
 
+def descendants(root: int) -> list[int]:
+    """Every live descendant of a process (from /proc's parent pids), whatever session or group it is in."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 class PodWorker(threading.Thread):
     """Runs one pod: volumes, init containers, containers, probes, restarts, status, graceful deletion."""
 
@@ -397,6 +417,7 @@ class PodWorker(threading.Thread):
         self.dir = agent.state_dir / "pods" / f"{self.ns}_{self.pod_name}"
         self.wake = threading.Event()
         self.gone = False  # the API object is gone (force-deleted)
+        self.lost = False  # its node died (stop_node): processes killed, nothing more reported
         self.done = False
         self.ip: str | None = None
         self.start_time: dt.datetime | None = None
@@ -414,6 +435,10 @@ class PodWorker(threading.Thread):
                             term_path=self.dir / "termination" / c["name"])
 
     # --- plumbing
+    def lose(self) -> None:
+        self.lost = True
+        self.wake.set()
+
     def update(self, pod: dict[str, Any] | None) -> None:
         if pod is None:
             self.gone = True
@@ -435,6 +460,19 @@ class PodWorker(threading.Thread):
             self.ip = self.agent.ips.allocate(self.uid, self.node_index, (self.pod.get("status") or {}).get("podIP"))
             self.start_time = now()
             while True:
+                if self.lost:  # a machine that dies sends no SIGTERM and reports nothing
+                    for c in self.inits + self.mains:
+                        if c.proc is not None and c.proc.poll() is None:
+                            # children in sessions of their own (torchrun's workers) die with the machine too
+                            for pid in descendants(c.proc.pid):
+                                try:
+                                    os.kill(pid, signal.SIGKILL)
+                                except OSError:
+                                    pass
+                            kill_group(c.proc.pid, signal.SIGKILL)
+                            c.proc.wait()
+                            self._poll(c)
+                    return
                 if self.gone or self.pod["metadata"].get("deletionTimestamp"):
                     self._terminate()
                     return
@@ -876,6 +914,8 @@ class PodWorker(threading.Thread):
         return c
 
     def _report(self) -> None:
+        if self.lost:
+            return
         phase = self._phase()
         terminal = phase in ("Succeeded", "Failed")
         inited = all(c.state == "terminated" and c.exit_code == 0 for c in self.inits)
@@ -1091,6 +1131,7 @@ class NodeAgent:
         self.stop = threading.Event()
         self.dns_dirty = threading.Event()
         self.last_heartbeat = 0.0
+        self.down: set[str] = set()  # nodes whose kubelet is "dead" (stop_node): no heartbeat, pods not run
         self.boot_id = str(uuid.uuid4())
         self.net_shim: Path | None = None
         self.proxy = ServiceProxy(self._backends)
@@ -1123,6 +1164,8 @@ class NodeAgent:
     def heartbeat(self, full: bool) -> None:
         t = dt.datetime.now(dt.UTC)
         for name in self.node_names:
+            if name in self.down:
+                continue
             lease = {
                 "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                 "metadata": {"name": name, "namespace": "kube-node-lease"},
@@ -1177,7 +1220,7 @@ class NodeAgent:
     def _on_pod(self, typ: str, pod: dict[str, Any]) -> None:
         self.dns_changed()
         node = (pod.get("spec") or {}).get("nodeName")
-        if node not in self.node_names:
+        if node not in self.node_names or node in self.down:
             return
         uid = pod["metadata"]["uid"]
         with self.lock:
@@ -1197,6 +1240,34 @@ class NodeAgent:
             w = PodWorker(self, pod, self.node_names.index(node))
             self.workers[uid] = w
             w.start()
+
+    # --- node loss (tests): the kubelet of one node dies, and comes back
+    def stop_node(self, name: str) -> list[str]:
+        """Simulate the node's kubelet (or machine) dying: its Lease and status stop being renewed, its pods'
+        processes are killed with SIGKILL, and nothing about them is reported any more. The node lifecycle
+        controller notices after --node-monitor-grace-period. Returns the pods that were lost."""
+        if name not in self.node_names:
+            raise KeyError(name)
+        with self.lock:
+            self.down.add(name)
+            lost = [w for w in self.workers.values() if w.node_index == self.node_names.index(name)]
+        for w in lost:
+            w.lose()
+        log.warning("node %s stopped (simulated node loss): %d pods lost", name, len(lost))
+        return sorted(f"{w.ns}/{w.pod_name}" for w in lost)
+
+    def start_node(self, name: str) -> None:
+        """The node's kubelet is back: heartbeats resume and its pods are taken up again from the API (as a
+        restarted kubelet does: pods deleted meanwhile are confirmed gone, the others run)."""
+        if name not in self.node_names:
+            raise KeyError(name)
+        with self.lock:
+            self.down.discard(name)
+        self.heartbeat(full=True)
+        for pod in list(self.pods.cache.values()):
+            if (pod.get("spec") or {}).get("nodeName") == name:
+                self._on_pod("MODIFIED", pod)
+        log.warning("node %s started again", name)
 
     def _confirm_delete(self, pod: dict[str, Any]) -> None:
         m = pod["metadata"]
@@ -1310,6 +1381,25 @@ class NodeAgent:
                 body = json.dumps({"ok": ok, "pods": len(agent.workers)}).encode()
                 self.send_response(200 if ok else 503)
                 self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                # /nodes/<name>/stop | /nodes/<name>/start: node loss for tests (loopback only)
+                parts = self.path.strip("/").split("/")
+                code, body = 404, b"{}"
+                if len(parts) == 3 and parts[0] == "nodes" and parts[2] in ("stop", "start"):
+                    try:
+                        if parts[2] == "stop":
+                            body = json.dumps({"lost": agent.stop_node(parts[1])}).encode()
+                        else:
+                            agent.start_node(parts[1])
+                        code = 200
+                    except KeyError:
+                        code = 404
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
 

@@ -64,6 +64,23 @@ def check_loss(loss: float, step: int, on_divergence: str) -> None:
                              "(training.onDivergence: Restart)")
 
 
+# What gloo and the TCPStore say when the process at the other end is gone (its machine died, it was killed)
+PEER_LOST_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "got 0 bytes")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """A collective or the rendezvous store failed because another rank's process went away: the cause is
+    elsewhere in the gang, not in this rank."""
+    try:
+        from torch.distributed import DistNetworkError
+
+        if isinstance(exc, DistNetworkError):
+            return True
+    except ImportError:
+        pass
+    return any(m in str(exc) for m in PEER_LOST_MARKERS)
+
+
 def exit_for(exc: BaseException) -> tuple[int, dict[str, Any]]:
     """The exit code and termination message for how the runtime ended (the operator reads both)."""
     if isinstance(exc, InvalidSpec):
@@ -76,6 +93,8 @@ def exit_for(exc: BaseException) -> tuple[int, dict[str, Any]]:
                                             "field": "spec.training.onDivergence"}
     if isinstance(exc, Preempted):
         return contract.EXIT_PREEMPTED, {"reason": "Preempted", "message": str(exc)}
+    if peer_lost(exc):  # the operator waits to learn whether a node was lost before it counts a failure
+        return 1, {"reason": contract.REASON_PEER_LOST, "message": f"{type(exc).__name__}: {exc}"}
     return 1, {"reason": "StorageError" if isinstance(exc, StorageError) else "Error",
                "message": f"{type(exc).__name__}: {exc}"}
 

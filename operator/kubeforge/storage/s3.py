@@ -41,6 +41,13 @@ MiB = 1 << 20
 DEFAULT_MAX_ATTEMPTS = 10  # botocore standard mode, attempts per request incl. the first, exponential backoff with jitter (max 20 s)
 DEFAULT_CONCURRENCY = 8
 DEFAULT_REGION = "us-east-1"
+CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 10.0, 120.0
+# A Secret or the pod env may tune these: AWS_MAX_ATTEMPTS is the AWS SDKs' own variable (botocore would
+# read it, but the explicit retry config below takes precedence, so it is applied here); the timeouts have
+# no AWS variable.
+MAX_ATTEMPTS_ENV = "AWS_MAX_ATTEMPTS"
+CONNECT_TIMEOUT_ENV = "KUBEFORGE_S3_CONNECT_TIMEOUT"
+READ_TIMEOUT_ENV = "KUBEFORGE_S3_READ_TIMEOUT"
 
 # Error codes S3 (and S3-compatible stores) answer for conditions that go away on their own.
 TRANSIENT_CODES = frozenset({
@@ -82,13 +89,15 @@ class S3Uri:
         return f"s3://{self.bucket}/{self.key}" if self.key else f"s3://{self.bucket}"
 
 
-def client_config(max_attempts: int = DEFAULT_MAX_ATTEMPTS, max_pool_connections: int = 32) -> Config:
-    """botocore config: standard retry mode (5xx, throttling, connection errors) with more attempts."""
+def client_config(max_attempts: int = DEFAULT_MAX_ATTEMPTS, max_pool_connections: int = 32,
+                  connect_timeout: float = CONNECT_TIMEOUT_S, read_timeout: float = READ_TIMEOUT_S) -> Config:
+    """botocore config: standard retry mode (5xx, throttling, connection errors, timeouts) with more
+    attempts; a request that gets no answer within read_timeout is retried like a 5xx."""
     return Config(
         retries={"mode": "standard", "total_max_attempts": max_attempts},
         max_pool_connections=max_pool_connections,
-        connect_timeout=10,
-        read_timeout=120,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
         tcp_keepalive=True,
         s3={"addressing_style": "path"},  # path style works with every S3-compatible server
     )
@@ -100,14 +109,17 @@ def make_client(
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     max_pool_connections: int = 32,
 ) -> Any:
-    """An S3 client from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL (explicit endpoint wins).
+    """An S3 client from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL (explicit endpoint wins);
+    AWS_MAX_ATTEMPTS, KUBEFORGE_S3_CONNECT_TIMEOUT and KUBEFORGE_S3_READ_TIMEOUT (seconds) tune the retries.
 
     With no keys in the environment boto3's usual chain (instance roles, web identity, config files) applies.
     """
     env = os.environ if env is None else env
     kwargs: dict[str, Any] = {
         "region_name": env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or DEFAULT_REGION,
-        "config": client_config(max_attempts, max_pool_connections),
+        "config": client_config(
+            int(env.get(MAX_ATTEMPTS_ENV) or max_attempts), max_pool_connections,
+            float(env.get(CONNECT_TIMEOUT_ENV) or CONNECT_TIMEOUT_S), float(env.get(READ_TIMEOUT_ENV) or READ_TIMEOUT_S)),
     }
     endpoint = endpoint or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
     if endpoint:
