@@ -16,6 +16,11 @@ class OperatorSettings(BaseSettings):
     resync_seconds: float = 300.0
     """Every object is reconciled at least this often, besides on events and the requeues a reconcile asks
     for: a safety net, not the way the operator converges (a short one costs API calls per object)."""
+    reconcile_workers: int = Field(default=8, ge=1)
+    """Reconciles that run at once (each object is reconciled by one at a time)."""
+    api_concurrency: int = Field(default=16, ge=1)
+    """API calls in flight at once for independent children (a gang's pods, its Service, RBAC and ConfigMap
+    go out together); the client's connection pool is sized to it and the reconcile workers."""
     trainer_image: str = "ghcr.io/kubeforge/trainer:0.1.0"
     """Default image of training pods when a spec names none."""
     serve_image: str = "ghcr.io/kubeforge/vllm-serve:0.1.0"

@@ -266,3 +266,98 @@ def _try_reconcile(reconciler: Reconciler, namespace: str, name: str) -> bool:
         return True
     except ApiException:
         return False
+
+
+class CountsWrites(Kube):
+    """The real client, counting what it sends besides reads."""
+
+    def __init__(self, api_client) -> None:
+        super().__init__(api_client)
+        self.writes: list[tuple[str, str]] = []
+
+    def create(self, manifest):
+        self.writes.append(("create", manifest["kind"]))
+        return super().create(manifest)
+
+    def delete(self, res, namespace, name, grace_seconds=None):
+        self.writes.append(("delete", res.plural))
+        return super().delete(res, namespace, name, grace_seconds)
+
+    def merge_patch(self, res, namespace, name, patch, subresource=None):
+        self.writes.append(("patch", f"{res.plural}/{subresource or ''}"))
+        return super().merge_patch(res, namespace, name, patch, subresource)
+
+    def post_event(self, obj, type_, reason, message):
+        self.writes.append(("event", reason))
+        return super().post_event(obj, type_, reason, message)
+
+
+def test_a_settled_job_is_reconciled_without_a_single_write(cluster, namespace):
+    """The gang is created and Pending (it never fits): from then on a reconcile (the resync, a requeue, a
+    pod event that changes nothing) decides the same thing, and sends nothing at all: no status write, no
+    create, no event; the object's resourceVersion stays."""
+    kube = CountsWrites(cluster.api_client())
+    reconciler = Reconciler(kube, OperatorSettings())
+    kube.create(pretrain_job("settled", namespace, resources=UNSCHEDULABLE))
+    _reconcile_until_created(reconciler, namespace, "settled")
+    reconciler.reconcile("PretrainJob", namespace, "settled")  # the pods are seen Pending: "0/2 pods running"
+    rv = kube.get(RESOURCES["PretrainJob"], namespace, "settled")["metadata"]["resourceVersion"]
+    kube.writes.clear()
+    for _ in range(5):
+        reconciler.reconcile("PretrainJob", namespace, "settled")
+    assert kube.writes == []
+    assert kube.get(RESOURCES["PretrainJob"], namespace, "settled")["metadata"]["resourceVersion"] == rv
+
+
+class ReadsStaleOnce(Kube):
+    """Answers the first GET of a job with an older copy of it: an operator restarted while its
+    predecessor's last write was still on the way, or a lagging cache."""
+
+    def __init__(self, api_client, stale: dict) -> None:
+        super().__init__(api_client)
+        self.stale: dict | None = stale
+        self.deleted: list[str] = []
+
+    def get(self, res, namespace, name):
+        if res.plural == "pretrainjobs" and self.stale is not None:
+            stale, self.stale = self.stale, None
+            return stale
+        return super().get(res, namespace, name)
+
+    def delete(self, res, namespace, name, grace_seconds=None):
+        self.deleted.append(name)
+        return super().delete(res, namespace, name, grace_seconds)
+
+
+def test_a_plan_made_from_a_stale_read_touches_no_pod_and_is_made_again(cluster, namespace):
+    """Attempt 0 failed and attempt 1's gang exists. A reconcile that reads the job as it was during attempt
+    0 takes attempt 1's pods for stale ones. Its status write carries the resourceVersion it read, so the API
+    server refuses it (409) before any pod is deleted; the reconcile reads again and decides again: attempt
+    1's pods keep their uids and the status still counts one restart."""
+    kube = Kube(cluster.api_client())
+    reconciler = Reconciler(kube, OperatorSettings())
+    kube.create(pretrain_job("stale", namespace, resources=UNSCHEDULABLE, runPolicy={"backoffSeconds": 0}))
+    _reconcile_until_created(reconciler, namespace, "stale")
+    attempt0 = kube.get(RESOURCES["PretrainJob"], namespace, "stale")
+    assert attempt0["status"]["attempt"] == 0
+    failed = {"phase": "Failed", "containerStatuses": [{
+        "name": "trainer", "ready": False, "restartCount": 0, "image": "x", "imageID": "",
+        "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": "NCCL timeout"}}}]}
+    kube.merge_patch(RESOURCES["Pod"], namespace, "stale-worker-1", {"status": failed}, subresource="status")
+    reconciler.reconcile("PretrainJob", namespace, "stale")  # tears attempt 0 down
+
+    def attempt1_created():
+        reconciler.reconcile("PretrainJob", namespace, "stale")
+        pods = _pods(kube, namespace, "stale")
+        return len(pods) == 2 and all(p["metadata"]["labels"]["kubeforge.dev/attempt"] == "1" for p in pods)
+
+    assert _poll(attempt1_created)
+    before = {p["metadata"]["name"]: p["metadata"]["uid"] for p in _pods(kube, namespace, "stale")}
+
+    stale = ReadsStaleOnce(cluster.api_client(), attempt0)
+    Reconciler(stale, OperatorSettings()).reconcile("PretrainJob", namespace, "stale")
+    assert stale.stale is None and stale.deleted == []  # the stale copy was read, and nothing deleted
+    after = {p["metadata"]["name"]: p["metadata"]["uid"] for p in _pods(kube, namespace, "stale")}
+    assert after == before
+    st = kube.get(RESOURCES["PretrainJob"], namespace, "stale")["status"]
+    assert st["attempt"] == 1 and st["restarts"] == 1

@@ -197,3 +197,35 @@ def test_metrics_expose_reconciles_jobs_by_phase_restarts_and_checkpoint_age():
     assert 'kubeforge_job_last_checkpoint_age_seconds{kind="PretrainJob",name="ptj",namespace="a"} 90.0' in text
     metrics.RECONCILES.labels("PretrainJob", "ok").inc()
     assert "kubeforge_reconcile_total" in generate_latest(metrics.REGISTRY).decode()
+
+
+def test_the_operators_own_writes_coming_back_reconcile_nothing() -> None:
+    """The version a write of ours produced is recognised once when the watch brings it back; any other
+    version of the object (older, newer, someone else's) and any deletion is news."""
+    from kubeforge.controller.echoes import Echoes
+
+    echoes = Echoes(capacity=3)
+    pod = {"kind": "Pod", "metadata": {"namespace": "ns", "name": "p", "resourceVersion": "12"}}
+    echoes.expect("pods", pod)
+    assert not echoes.is_echo("pods", "ns", "p", "11")  # an older event, delivered late: news to the reconcile
+    assert echoes.is_echo("pods", "ns", "p", "12")
+    assert not echoes.is_echo("pods", "ns", "p", "12")  # once
+    echoes.expect("pods", {"kind": "Status", "metadata": {}, "status": "Success"})  # a DELETE's bare answer
+    for i in range(5):  # bounded: the oldest expectations make way
+        echoes.expect("pods", {"metadata": {"namespace": "ns", "name": f"q{i}", "resourceVersion": str(i)}})
+    assert len(echoes) == 3 and not echoes.is_echo("pods", "ns", "q0", "0") and echoes.is_echo("pods", "ns", "q4", "4")
+
+
+def test_kopf_builds_no_diff_base_since_no_handler_reacts_to_changes() -> None:
+    """kubeforge's handlers are level-based, so kopf's per-event deep copy for change detection is skipped;
+    that holds only while no change handler (on.create/update/field/resume) is registered."""
+    from kubeforge.controller.handlers import tune
+
+    settings = kopf.OperatorSettings()
+    tune(settings)
+    assert settings.persistence.diffbase_storage.build(body=kopf.Body({"spec": {"a": 1}})) == {}
+    code = ("import json, kopf, kubeforge.controller.handlers;"
+            "print(json.dumps([h.id for h in kopf.get_default_registry()._changing.get_all_handlers()]))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "KUBEFORGE_WEBHOOK": "true"},
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == []

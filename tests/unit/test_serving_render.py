@@ -724,12 +724,22 @@ def test_service_patch():
 
 
 class FakeKube:
+    """Like the API server where the reconciler relies on it: every write gets a new resourceVersion, and a
+    patch naming another one than the stored object's is refused (409)."""
+
     def __init__(self, *objs: dict[str, Any]) -> None:
         self.store: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.calls: list[tuple[str, str, str]] = []
         self.events: list[tuple[str, str]] = []
+        self.version = 0
         for o in objs:
-            self.store[(o["kind"], o["metadata"]["namespace"], o["metadata"]["name"])] = copy.deepcopy(o)
+            o = copy.deepcopy(o)
+            o["metadata"]["resourceVersion"] = self.next_version()
+            self.store[(o["kind"], o["metadata"]["namespace"], o["metadata"]["name"])] = o
+
+    def next_version(self) -> str:
+        self.version += 1
+        return str(self.version)
 
     @staticmethod
     def _kind(res: Resource) -> str:
@@ -751,6 +761,7 @@ class FakeKube:
             return False
         o = copy.deepcopy(manifest)
         o["metadata"]["generation"] = 1
+        o["metadata"]["resourceVersion"] = self.next_version()
         self.store[key] = o
         self.calls.append(("create", *key[::2]))
         return True
@@ -769,9 +780,15 @@ class FakeKube:
                     a[k] = merge(a.get(k), v)
             return a
 
+        wanted = (patch.get("metadata") or {}).get("resourceVersion")
+        if wanted is not None and wanted != self.store[key]["metadata"]["resourceVersion"]:
+            from kubernetes.client.exceptions import ApiException
+
+            raise ApiException(status=409, reason="Conflict")
         self.store[key] = merge(self.store[key], patch)
+        self.store[key]["metadata"]["resourceVersion"] = self.next_version()
         self.calls.append(("patch" + (f"/{subresource}" if subresource else ""), key[0], name))
-        return self.store[key]
+        return copy.deepcopy(self.store[key])
 
     def delete(self, res, ns, name, grace_seconds=None):
         self.calls.append(("delete", self._kind(res), name))

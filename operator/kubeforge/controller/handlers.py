@@ -5,7 +5,9 @@ idempotent reconcile, on the requeue workers (controller/requeue.py): an event o
 pods, folded into one reconcile a moment later (a gang's pods emit dozens in a burst); the `requeue_after` a
 reconcile asks for (a deadline, a backoff, a schedule timeout); a source of model.from that succeeded, failed
 or went, for the objects that wait on it (kopf indices of model.from); and a slow safety-net resync
-(KUBEFORGE_RESYNC_SECONDS) for anything missed.
+(KUBEFORGE_RESYNC_SECONDS) for anything missed. The operator's own writes coming back on the watch (its
+status writes, the pods it just created or deleted) reconcile nothing: controller/echoes.py (but a hand-off
+its own status write announces still reaches the consumers).
 
 No finalizer, ever: children are owned (garbage-collected) and nothing lives outside the cluster, so an
 object (or its namespace) deletes with the operator down or uninstalled. That is why the resync is one
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,13 +44,15 @@ SETTINGS = OperatorSettings()
 POD_EVENTS_FOLD_S = 1.0  # pod events within this long of the first become one reconcile of their job
 _reconciler: Reconciler | None = None
 _requeue: Requeue | None = None
+_singletons = threading.Lock()  # handlers run on kopf's executor threads: one reconciler, one echo memory
 
 
 def reconciler() -> Reconciler:
     global _reconciler
-    if _reconciler is None:
-        _reconciler = Reconciler(Kube(), SETTINGS)
-    return _reconciler
+    with _singletons:
+        if _reconciler is None:
+            _reconciler = Reconciler(Kube(), SETTINGS)
+        return _reconciler
 
 
 def _reconcile_now(key: Any) -> float | None:
@@ -67,9 +72,28 @@ def _reconcile_now(key: Any) -> float | None:
 
 def requeue() -> Requeue:
     global _requeue
-    if _requeue is None:
-        _requeue = Requeue(_reconcile_now, workers=8)
-    return _requeue
+    with _singletons:
+        if _requeue is None:
+            _requeue = Requeue(_reconcile_now, workers=SETTINGS.reconcile_workers)
+        return _requeue
+
+
+def is_echo(plural: str, body: kopf.Body, type_: str | None) -> bool:
+    """This event is a version of the object that the operator itself wrote: nothing new to reconcile. A
+    deletion always is news."""
+    meta = body.get("metadata") or {}
+    return type_ != "DELETED" and reconciler().kube.echoes.is_echo(
+        plural, meta.get("namespace"), meta.get("name", ""), meta.get("resourceVersion"))
+
+
+class LevelBasedDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
+    """kopf builds a deep copy of every object on every event to diff it against the last handled one; that
+    is for change handlers (on.create/update/field), which kubeforge has none of (every handler is level-based:
+    on.event and indices), so the copy was pure cost: half of the operator's event-loop time with a few
+    thousand pods. test_operator_wiring pins that no change handler exists."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
+        return {}
 
 
 # the pods kubeforge made; the API server filters the pod watch by it, so the operator never streams (and
@@ -81,7 +105,7 @@ def tune(settings: kopf.OperatorSettings) -> None:
     """kopf's settings, apart from anything that needs a cluster."""
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    settings.persistence.diffbase_storage = LevelBasedDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration")
     settings.posting.level = logging.WARNING  # kubeforge posts its own, meaningful events
     settings.execution.max_workers = 16
@@ -106,12 +130,17 @@ def tune(settings: kopf.OperatorSettings) -> None:
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     tune(settings)
     # the Kubernetes client the reconciler uses: same config kopf logged in with
-    from kubernetes import config
+    from kubernetes import client, config
 
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
+    # every reconcile worker and every parallel child create holds a connection: a smaller pool would close
+    # the extras after each call and pay a new TLS handshake for each
+    cfg = client.Configuration.get_default_copy()
+    cfg.connection_pool_maxsize = SETTINGS.reconcile_workers + SETTINGS.api_concurrency + 4
+    client.Configuration.set_default(cfg)
 
 
 def _reconcile(kind: str, namespace: str, name: str) -> None:
@@ -130,9 +159,11 @@ def _register(kind_name: str, plural: str) -> None:
                  **kwargs: Any) -> None:
         if name and namespace and type != "DELETED":
             drop_legacy_finalizer(kind_name, dict(body))
-            _reconcile(kind_name, namespace, name)
+            if not is_echo(plural, body, type):
+                _reconcile(kind_name, namespace, name)
         if name and namespace and (type == "DELETED" or (body.get("status") or {}).get("phase") in HANDOFF_PHASES):
-            # the objects whose model.from names this one hand off now, not at their next poll
+            # the objects whose model.from names this one hand off now, not at their next poll (also when the
+            # event is the echo of our own status write: that write is the hand-off)
             for kind, consumer in consumers_of(kwargs, namespace, kind_name, name):
                 _reconcile(kind, namespace, consumer)
 
@@ -238,10 +269,12 @@ async def stop_resync(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event("", "v1", "pods", labels={contract.LABEL_JOB_KIND: kopf.PRESENT, contract.LABEL_JOB_NAME: kopf.PRESENT})
-def on_child_pod(body: kopf.Body, labels: dict[str, str], namespace: str | None, **_: Any) -> None:
+def on_child_pod(body: kopf.Body, labels: dict[str, str], namespace: str | None, type: str | None,
+                 **_: Any) -> None:
     """A pod of a job changed: keep its report (even from a deleted pod), then reconcile the owner soon, once
-    for the whole burst of events its gang emits."""
-    if not namespace:
+    for the whole burst of events its gang emits. The operator's own create or delete coming back is no
+    change: the reconcile that made it already decided what follows."""
+    if not namespace or is_echo("pods", body, type):
         return
     kind, name = labels[contract.LABEL_JOB_KIND], labels[contract.LABEL_JOB_NAME]
     try:

@@ -17,6 +17,9 @@ from kubernetes.client.exceptions import ApiException
 
 from kubeforge import GROUP, VERSION
 
+from . import metrics
+from .echoes import Echoes
+
 log = logging.getLogger(__name__)
 
 FIELD_MANAGER = "kubeforge"
@@ -78,30 +81,50 @@ def resource_for(manifest: dict[str, Any]) -> Resource:
     return RESOURCES[kind]
 
 
+def resource_of_path(path: str) -> str:
+    """`pods`, `pretrainjobs/status`, ... of an API path (the metric label; names and namespaces dropped)."""
+    parts = [p for p in path.split("?")[0].split("/") if p]
+    parts = parts[2:] if parts[:1] == ["api"] else parts[3:]  # drop api/v1 or apis/<group>/<version>
+    if parts[:1] == ["namespaces"] and len(parts) > 2:
+        parts = parts[2:]
+    if not parts:
+        return "discovery"
+    return parts[0] + (f"/{parts[2]}" if len(parts) > 2 else "")
+
+
 class Kube:
     """Thin JSON client over the kubernetes ApiClient (configuration, auth and TLS come from it)."""
 
     def __init__(self, api_client: client.ApiClient | None = None,
-                 timeout: tuple[float, float] = DEFAULT_TIMEOUT) -> None:
+                 timeout: tuple[float, float] = DEFAULT_TIMEOUT, echoes: Echoes | None = None) -> None:
         self.api_client = api_client or client.ApiClient()
         self.timeout = timeout  # (connect, read) seconds: a stuck server fails the call, never the operator
+        self.echoes = echoes if echoes is not None else Echoes()  # versions our writes produced (echoes.py)
         self._served: dict[str, bool] = {}
 
     # --- raw -------------------------------------------------------------------------------------------
     def _call(self, method: str, path: str, body: Any = None, query: list[tuple[str, Any]] | None = None,
-              content_type: str = "application/json") -> Any:
+              content_type: str = "application/json", verb: str | None = None) -> Any:
         headers = {"Accept": "application/json", "Content-Type": content_type}
-        resp = self.api_client.call_api(
-            path, method, query_params=query or [], header_params=headers, body=body,
-            auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True,
-            _request_timeout=self.timeout,
-        )
+        code = "error"
+        try:
+            resp = self.api_client.call_api(
+                path, method, query_params=query or [], header_params=headers, body=body,
+                auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True,
+                _request_timeout=self.timeout,
+            )
+            code = str(resp.status)
+        except ApiException as e:
+            code = str(e.status)
+            raise
+        finally:
+            metrics.API_REQUESTS.labels(verb or method.lower(), resource_of_path(path), code).inc()
         data = resp.data
         return json.loads(data) if data else None
 
     def get(self, res: Resource, namespace: str | None, name: str) -> dict[str, Any] | None:
         try:
-            return self._call("GET", res.path(namespace, name))
+            return self._call("GET", res.path(namespace, name), verb="get")
         except ApiException as e:
             if e.status == 404:
                 return None
@@ -109,14 +132,15 @@ class Kube:
 
     def list(self, res: Resource, namespace: str | None, selector: str | None = None) -> list[dict[str, Any]]:
         query = [("labelSelector", selector)] if selector else []
-        return list(self._call("GET", res.path(namespace), query=query).get("items", []))
+        return list(self._call("GET", res.path(namespace), query=query, verb="list").get("items", []))
 
     def create(self, manifest: dict[str, Any]) -> bool:
         """Create; False when it already exists (deterministic names make this the idempotence check)."""
         res = resource_for(manifest)
         ns = manifest["metadata"].get("namespace")
         try:
-            self._call("POST", res.path(ns), body=manifest, query=[("fieldManager", FIELD_MANAGER)])
+            self.echoes.expect(res.plural, self._call("POST", res.path(ns), body=manifest,
+                                                      query=[("fieldManager", FIELD_MANAGER)]))
             return True
         except ApiException as e:
             if e.status == 409:
@@ -128,7 +152,7 @@ class Kube:
         if grace_seconds is not None:
             body["gracePeriodSeconds"] = grace_seconds
         try:
-            self._call("DELETE", res.path(namespace, name), body=body)
+            self.echoes.expect(res.plural, self._call("DELETE", res.path(namespace, name), body=body))
             return True
         except ApiException as e:
             if e.status == 404:
@@ -138,12 +162,14 @@ class Kube:
     def merge_patch(self, res: Resource, namespace: str | None, name: str, patch: dict[str, Any],
                     subresource: str | None = None) -> dict[str, Any] | None:
         try:
-            return self._call("PATCH", res.path(namespace, name, subresource), body=patch,
-                              content_type="application/merge-patch+json")
+            out = self._call("PATCH", res.path(namespace, name, subresource), body=patch,
+                             content_type="application/merge-patch+json")
         except ApiException as e:
             if e.status == 404:
                 return None
             raise
+        self.echoes.expect(res.plural, out)
+        return out  # type: ignore[no-any-return]
 
     def served(self, group: str, version: str) -> bool:
         """Whether the cluster serves group/version (cached; Kueue may serve v1beta1, v1beta2 or both)."""

@@ -3,6 +3,8 @@ ServiceMonitor scrape it).
 
 - kubeforge_reconcile_total{kind,result}, kubeforge_reconcile_duration_seconds{kind}: the reconciles
   (events, pod events and the periodic resync), and how long they take.
+- kubeforge_api_requests_total{verb,resource,code}: every request the reconciler makes to the API server
+  (kopf's own watches aside), so API calls per reconcile can be read off a running operator.
 - kubeforge_objects{kind}: objects the operator tracks (what each resync pass goes through: its queue).
 - kubeforge_jobs{kind,phase}, kubeforge_job_restarts{kind,namespace,name},
   kubeforge_job_last_checkpoint_age_seconds{kind,namespace,name}: read from the objects' status as kopf
@@ -28,6 +30,10 @@ RECONCILES = PromCounter("kubeforge_reconcile_total", "Reconciles by kind and re
 RECONCILE_SECONDS = Histogram("kubeforge_reconcile_duration_seconds", "Time one reconcile takes.", ["kind"],
                               registry=REGISTRY,
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+
+API_REQUESTS = PromCounter("kubeforge_api_requests_total",
+                           "API server requests of the reconciler by verb, resource (with subresource) and code.",
+                           ["verb", "resource", "code"], registry=REGISTRY)
 
 
 def summary(kind: str, body: dict[str, Any]) -> dict[str, Any]:

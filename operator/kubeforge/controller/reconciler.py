@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
@@ -52,6 +53,15 @@ def merge_patch_diff(old: Any, new: Any) -> Any:
 NODES = Resource("", "v1", "nodes", namespaced=False)  # read only, for pods that look cut off (node_health)
 # Children kubeforge keeps in step with the spec after creating them (the rest are create-once).
 UPDATABLE = {"ConfigMap": "data", "Role": "rules"}
+CONFLICT_RETRIES = 5  # a reconcile whose status write met a newer object reads and decides again this often
+
+
+class StatusConflict(Exception):
+    """The object changed after we read it (409 on the resourceVersion the status was computed from)."""
+
+
+class ObjectGone(Exception):
+    """The object was deleted while we reconciled it."""
 
 
 class Reconciler:
@@ -59,6 +69,26 @@ class Reconciler:
         self.kube, self.settings, self.clock = kube, settings, clock
         self._locks: dict[tuple[str, str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        # independent children of one reconcile (a gang's pods, its Service/RBAC/ConfigMap) go out at once;
+        # shared by all reconciles so the operator's requests in flight stay bounded
+        self._calls = ThreadPoolExecutor(max(1, settings.api_concurrency), thread_name_prefix="kube")
+
+    def in_parallel(self, calls: list[Callable[[], Any]]) -> list[Any]:
+        """Run independent API calls at once; every one is tried, then the first failure is raised (a gang
+        create refused half-way by a quota keeps what was made, as one after another would)."""
+        if len(calls) <= 1:
+            return [c() for c in calls]
+        futures = [self._calls.submit(c) for c in calls]
+        results: list[Any] = []
+        error: BaseException | None = None
+        for f in futures:
+            try:
+                results.append(f.result())
+            except Exception as e:  # noqa: BLE001 - re-raised below, once all calls are done
+                error = error or e
+        if error is not None:
+            raise error
+        return results
 
     def lock(self, kind: str, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -67,27 +97,39 @@ class Reconciler:
     # --- entry point -----------------------------------------------------------------------------------
     def reconcile(self, kind: str, namespace: str, name: str) -> float | None:
         with self.lock(kind, namespace, name):
-            obj = self.kube.get(RESOURCES[kind], namespace, name)
-            if obj is None or obj["metadata"].get("deletionTimestamp"):
-                return None
-            errors = validate(obj)
-            if errors:
-                return self.stall_invalid(obj, [str(e) for e in errors])
-            if kind == "PretrainJob":
-                return self.reconcile_training(obj, "kubeforge.runtime.pretrain")
-            if kind == "RLJob":
-                from .rl import RUNTIME_MODULE
+            for attempt in range(CONFLICT_RETRIES):
+                try:
+                    return self._reconcile_once(kind, namespace, name)
+                except ObjectGone:
+                    return None
+                except StatusConflict:
+                    # someone wrote the object since we read it: nothing of this pass touched a pod (the status
+                    # write goes first when pods are created or deleted), so read again and decide again
+                    log.debug("%s %s/%s changed while reconciling (try %d); again", kind, namespace, name, attempt + 1)
+            raise StatusConflict(f"{kind} {namespace}/{name} kept changing under {CONFLICT_RETRIES} reconciles")
 
-                return self.reconcile_training(obj, RUNTIME_MODULE)
-            if kind == "ContextExtensionJob":
-                from .extension import RUNTIME_MODULE
+    def _reconcile_once(self, kind: str, namespace: str, name: str) -> float | None:
+        obj = self.kube.get(RESOURCES[kind], namespace, name)
+        if obj is None or obj["metadata"].get("deletionTimestamp"):
+            return None
+        errors = validate(obj)
+        if errors:
+            return self.stall_invalid(obj, [str(e) for e in errors])
+        if kind == "PretrainJob":
+            return self.reconcile_training(obj, "kubeforge.runtime.pretrain")
+        if kind == "RLJob":
+            from .rl import RUNTIME_MODULE
 
-                return self.reconcile_training(obj, RUNTIME_MODULE)
-            if kind == "InferenceDeployment":
-                from .serving import reconcile_serving
+            return self.reconcile_training(obj, RUNTIME_MODULE)
+        if kind == "ContextExtensionJob":
+            from .extension import RUNTIME_MODULE
 
-                return reconcile_serving(self, obj)
-            raise ValueError(f"no controller for kind {kind!r}")
+            return self.reconcile_training(obj, RUNTIME_MODULE)
+        if kind == "InferenceDeployment":
+            from .serving import reconcile_serving
+
+            return reconcile_serving(self, obj)
+        raise ValueError(f"no controller for kind {kind!r}")
 
     def record_pod_report(self, kind: str, namespace: str, name: str, pod: dict[str, Any]) -> None:
         """Keep what a pod reported even if the pod is gone before the next reconcile lists it.
@@ -100,35 +142,62 @@ class Reconciler:
         if not report or kind not in BY_KIND or not BY_KIND[kind].is_job:
             return
         with self.lock(kind, namespace, name):
-            obj = self.kube.get(RESOURCES[kind], namespace, name)
-            if obj is None:
-                return
-            status = JobStatus.model_validate(obj.get("status") or {})
-            before = status.to_wire()
-            known_ckpt = status.last_checkpoint.step if status.last_checkpoint else -1
-            known_step = status.progress.step if status.progress and status.progress.step is not None else -1
-            ckpt = report.get("lastCheckpoint")
-            if isinstance(ckpt, dict) and isinstance(ckpt.get("step"), int) and ckpt["step"] > known_ckpt:
-                status.last_checkpoint = CheckpointRef(uri=ckpt["uri"], step=ckpt["step"], time=ckpt.get("time"))
-            if isinstance(report.get("step"), int) and report["step"] > known_step:
-                merge_progress(status, {**report, "lastCheckpoint": None})
-            if status.to_wire() != before:
-                self.write_status(obj, status)
+            for _ in range(CONFLICT_RETRIES):
+                try:
+                    return self._record_report_once(kind, namespace, name, report)
+                except ObjectGone:
+                    return None
+                except StatusConflict:
+                    continue  # written since we read it: merge the report into the newer status
+            raise StatusConflict(f"{kind} {namespace}/{name} kept changing while recording a pod report")
+
+    def _record_report_once(self, kind: str, namespace: str, name: str, report: dict[str, Any]) -> None:
+        obj = self.kube.get(RESOURCES[kind], namespace, name)
+        if obj is None:
+            return
+        status = JobStatus.model_validate(obj.get("status") or {})
+        before = status.to_wire()
+        known_ckpt = status.last_checkpoint.step if status.last_checkpoint else -1
+        known_step = status.progress.step if status.progress and status.progress.step is not None else -1
+        ckpt = report.get("lastCheckpoint")
+        if isinstance(ckpt, dict) and isinstance(ckpt.get("step"), int) and ckpt["step"] > known_ckpt:
+            status.last_checkpoint = CheckpointRef(uri=ckpt["uri"], step=ckpt["step"], time=ckpt.get("time"))
+        if isinstance(report.get("step"), int) and report["step"] > known_step:
+            merge_progress(status, {**report, "lastCheckpoint": None})
+        if status.to_wire() != before:
+            self.write_status(obj, status)
 
     # --- shared status helpers -----------------------------------------------------------------------
     def status_model(self, obj: dict[str, Any]) -> JobStatus | ServingStatus:
         model = BY_KIND[obj["kind"]].status_model
         return model.model_validate(obj.get("status") or {})  # type: ignore[no-any-return]
 
-    def write_status(self, obj: dict[str, Any], status: JobStatus | ServingStatus) -> bool:
+    def write_status(self, obj: dict[str, Any], status: JobStatus | ServingStatus, verify: bool = False) -> bool:
+        """Write what changed, on the condition that the object is still the version it was computed from
+        (its resourceVersion in the patch: a 409 otherwise, raised as StatusConflict, never a clobber).
+        `verify`: send the condition even when nothing changed (a no-op on the server), because pods are about
+        to be created or deleted on the strength of this version. True when something was written; `obj`
+        then holds the new version."""
         new, old = status.to_wire(), obj.get("status") or {}
         patch = merge_patch_diff(old, new)
-        if patch is None:
+        if patch is None and not verify:
             return False
-        res = RESOURCES[obj["kind"]]
-        self.kube.merge_patch(res, obj["metadata"]["namespace"], obj["metadata"]["name"], {"status": patch},
-                              subresource="status")
-        return True
+        meta = obj["metadata"]
+        body: dict[str, Any] = {"metadata": {"resourceVersion": meta["resourceVersion"]}}
+        if patch is not None:
+            body["status"] = patch
+        try:
+            written = self.kube.merge_patch(RESOURCES[obj["kind"]], meta["namespace"], meta["name"], body,
+                                            subresource="status")
+        except ApiException as e:
+            if e.status == 409:
+                raise StatusConflict(kube_error_message(e)) from e
+            raise
+        if written is None:
+            raise ObjectGone(f"{obj['kind']} {meta['namespace']}/{meta['name']}")
+        meta["resourceVersion"] = written["metadata"]["resourceVersion"]
+        obj["status"] = written.get("status") or {}
+        return patch is not None
 
     def post_events(self, obj: dict[str, Any], events: list[Event]) -> None:
         for e in events:
@@ -297,17 +366,24 @@ class Reconciler:
                     raise
                 # Kueue wrote the Workload since we read it: decide again from what it wrote.
                 result.requeue_after = min(result.requeue_after or 1.0, 1.0)
-        # the status first when pods go: it records why (a failure spends the restart budget), so an operator
-        # killed between the two finds the next attempt recorded and deletes the old pods as stale, instead
-        # of finding them gone and taking the failure for a preemption
-        written = bool(result.delete_pods or result.force_delete_pods) and self.write_status(obj, result.status)
-        for pod in result.delete_pods:
-            self.kube.delete(RESOURCES["Pod"], ns, pod)
-        for pod in result.force_delete_pods:  # on a lost node: nobody would confirm a graceful delete
-            self.kube.delete(RESOURCES["Pod"], ns, pod, grace_seconds=0)
-        for manifest in result.create:
-            self.apply_child(manifest)
-        if not written:
+        # The status first when pods are created or deleted, on the condition that the object is still the
+        # version the plan was made from: a plan made from a stale read (an operator restarted while its
+        # predecessor's last write was in flight, a user's change) stops here with a 409 and is made again,
+        # before it touches a pod. And it records why pods go (a failure spends the restart budget), so an
+        # operator killed between the two finds the next attempt recorded and deletes the old pods as stale,
+        # instead of finding them gone and taking the failure for a preemption.
+        pods_change = bool(result.delete_pods or result.force_delete_pods) or any(
+            m["kind"] == "Pod" for m in result.create)
+        if pods_change:
+            self.write_status(obj, result.status, verify=True)
+        self.in_parallel([lambda pod=pod: self.kube.delete(RESOURCES["Pod"], ns, pod) for pod in result.delete_pods])
+        # on a lost node: nobody would confirm a graceful delete
+        self.in_parallel([lambda pod=pod: self.kube.delete(RESOURCES["Pod"], ns, pod, grace_seconds=0)
+                          for pod in result.force_delete_pods])
+        # the pods' ServiceAccount must exist before them (admission refuses a pod naming a missing one)
+        self.in_parallel([lambda m=m: self.apply_child(m) for m in result.create if m["kind"] != "Pod"])
+        self.in_parallel([lambda m=m: self.apply_child(m) for m in result.create if m["kind"] == "Pod"])
+        if not pods_change:
             self.write_status(obj, result.status)
         self.post_events(obj, result.events)
         if result.delete_job:
@@ -343,4 +419,4 @@ def kube_error_message(e: ApiException) -> str:
         return str(e.reason)
 
 
-__all__ = ["Reconciler", "merge_patch_diff", "utcnow"]
+__all__ = ["ObjectGone", "Reconciler", "StatusConflict", "merge_patch_diff", "utcnow"]
