@@ -50,6 +50,7 @@ VERB_OVERRIDES: dict[str, frozenset[str]] = {
     "Pod": CHILD_VERBS | {"list", "watch"},  # listed by the reconcilers, watched by kopf
     "Deployment": CHILD_VERBS | {"list"},  # listed by the serving reconciler
     "Event": frozenset({"create"}),
+    "Secret": frozenset({"create"}),  # the operator creates serving tokens and reads no Secret
     "ResourceFlavor": frozenset({"get"}),
 }
 KOPF_NEEDS = {("apiextensions.k8s.io", "customresourcedefinitions"): frozenset({"list", "watch"})}
