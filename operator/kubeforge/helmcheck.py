@@ -42,6 +42,7 @@ VALUE_MATRIX: dict[str, dict[str, Any]] = {
                "imagePullSecrets": [{"name": "corp-registry"}]},
     "service-monitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
     "no-user-roles": {"rbac": {"userRoles": False}},
+    "no-own-pod-policy": {"workloads": {"ownPodPolicy": False}},
 }
 
 CHILD_VERBS = frozenset({"get", "create", "patch", "delete"})  # Kube.create/get/merge_patch/delete

@@ -101,7 +101,7 @@ pretrainjobs contextextensionjobs rljobs inferencedeployments
   - apiGroups: ["kubeforge.dev"]
     resources: ["pretrainjobs/finalizers", "contextextensionjobs/finalizers", "rljobs/finalizers", "inferencedeployments/finalizers"]
     verbs: ["update"]
-  # gang pods (listed by the reconcilers, watched by kopf); get/patch are also what per-job Roles grant
+  # gang pods (listed by the reconcilers, watched by kopf); patch is also what per-job Roles grant
   - apiGroups: [""]
     resources: ["pods"]
     verbs: ["get", "list", "watch", "create", "patch", "delete"]
