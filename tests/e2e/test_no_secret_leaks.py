@@ -1,7 +1,7 @@
 """No secret value in logs, status, events, ConfigMaps, pod specs or what the runtime writes to S3.
 
-A PretrainJob (one that trains and one that fails at once) and a disaggregated InferenceDeployment run with an
-S3 Secret holding distinctive values (access key, secret key, a Hugging Face token); the deployment's KV token
+A PretrainJob (one that trains and one that fails at once) and a disaggregated InferenceDeployment, and an
+RLJob rewarded by a judge InferenceDeployment, run with an S3 Secret holding distinctive values (access key, secret key, a Hugging Face token); the deployment's KV token
 is read from the Secret the operator created. Then every place a person or a log shipper reads is scanned for
 each value (as it is, and base64-encoded): every pod's log, the operator's log, every object in the namespace
 but the Secrets (status, annotations, termination messages included), every Event, and the small objects the
@@ -38,6 +38,7 @@ SCANNED = {
     "ReplicaSet": Resource("apps", "v1", "replicasets"), "PodDisruptionBudget": RESOURCES["PodDisruptionBudget"],
     "NetworkPolicy": RESOURCES["NetworkPolicy"], "EndpointSlice": Resource("discovery.k8s.io", "v1", "endpointslices"),
     "PretrainJob": RESOURCES["PretrainJob"], "InferenceDeployment": RESOURCES["InferenceDeployment"],
+    "RLJob": RESOURCES["RLJob"],
 }
 
 
@@ -104,6 +105,16 @@ def ready_router(jobs: Jobs) -> str | None:
     return None
 
 
+def make_secret(cluster: ClusterHandle, namespace: str, values: dict[str, str]) -> Any:
+    from kubernetes import client
+
+    core = client.CoreV1Api(cluster.api_client())
+    core.create_namespaced_secret(namespace, client.V1Secret(
+        metadata=client.V1ObjectMeta(name=SECRET),
+        string_data={**values, "AWS_ENDPOINT_URL": cluster.s3_endpoint, "AWS_DEFAULT_REGION": "us-east-1"}))
+    return core
+
+
 def literal_secret_env(pod: dict[str, Any], values: dict[str, str]) -> list[str]:
     """Env entries of the pod's containers that carry a secret by value, or a secret key not by reference."""
     bad = []
@@ -121,15 +132,44 @@ def literal_secret_env(pod: dict[str, Any], values: dict[str, str]) -> list[str]
     return bad
 
 
+def scan_namespace(cluster: ClusterHandle, operator: Operator, namespace: str, values: dict[str, str],
+                   texts: list[str], s3_prefixes: tuple[str, ...]) -> tuple[list[str], dict[str, int], list[dict]]:
+    """(where each value was found, characters scanned per source, the pods): pod logs and specs, the
+    operator's log, every object but Secrets, the small S3 objects under the prefixes, answers in `texts`."""
+    kube = Kube(cluster.api_client())
+    found: list[str] = []
+    scanned: dict[str, int] = {}
+
+    def scan(where: str, text: str) -> None:
+        scanned[where.split(" ")[0]] = scanned.get(where.split(" ")[0], 0) + len(text)
+        found.extend(f"{name} in {where}" for name in leaks(text, values))
+
+    for i, text in enumerate(texts):
+        scan(f"router-answer {i}", text)
+    pods = kube.list(RESOURCES["Pod"], namespace)
+    for pod in pods:
+        scan(f"pod-log {pod['metadata']['name']}", cluster.pod_log(namespace, pod["metadata"]["name"]))
+        found.extend(literal_secret_env(pod, values))
+    scan("operator-log", operator.log())
+    for kind, res in SCANNED.items():
+        for obj in kube.list(res, namespace):
+            scan(f"{kind} {obj['metadata']['name']}", json.dumps(obj))
+    s3 = cluster.s3_client()
+    for prefix in s3_prefixes:
+        for o in s3.list_objects_v2(Bucket="kubeforge", Prefix=prefix).get("Contents", []):
+            if o["Size"] < 1 << 20:
+                scan(f"s3 {o['Key']}", s3.get_object(Bucket="kubeforge", Key=o["Key"])["Body"].read().decode(
+                    errors="replace"))
+
+    return found, scanned, pods
+
+
 def test_no_secret_value_in_logs_status_events_configmaps_or_pod_specs(
         operator: Operator, jobs: Jobs, cluster: ClusterHandle, namespace: str, tmp_path: Path):
     from kubernetes import client
 
-    core = client.CoreV1Api(cluster.api_client())
     values = secret_values(cluster)
-    core.create_namespaced_secret(namespace, client.V1Secret(
-        metadata=client.V1ObjectMeta(name=SECRET),
-        string_data={**values, "AWS_ENDPOINT_URL": cluster.s3_endpoint, "AWS_DEFAULT_REGION": "us-east-1"}))
+    core = make_secret(cluster, namespace, values)
     model_uri = upload_model(cluster, namespace, tmp_path)
 
     jobs.create(pretrain(jobs, "trains", steps=20))
@@ -158,31 +198,8 @@ def test_no_secret_value_in_logs_status_events_configmaps_or_pod_specs(
     prefill = next(p for p in jobs.pods(SERVE) if p["metadata"]["labels"][contract.LABEL_ROLE] == "prefill")
     assert httpx.get(f"http://{prefill['status']['podIP']}:8000/kv/anything", timeout=10).status_code == 401
 
-    kube = Kube(cluster.api_client())
-    found: list[str] = []
-    scanned: dict[str, int] = {}
-
-    def scan(where: str, text: str) -> None:
-        scanned[where.split(" ")[0]] = scanned.get(where.split(" ")[0], 0) + len(text)
-        found.extend(f"{name} in {where}" for name in leaks(text, values))
-
-    for i, text in enumerate(texts):
-        scan(f"router-answer {i}", text)
-    pods = kube.list(RESOURCES["Pod"], namespace)
-    for pod in pods:
-        scan(f"pod-log {pod['metadata']['name']}", cluster.pod_log(namespace, pod["metadata"]["name"]))
-        found.extend(literal_secret_env(pod, values))
-    scan("operator-log", operator.log())
-    for kind, res in SCANNED.items():
-        for obj in kube.list(res, namespace):
-            scan(f"{kind} {obj['metadata']['name']}", json.dumps(obj))
-    s3 = cluster.s3_client()
-    for prefix in (f"checkpoints/{namespace}/", f"models/{namespace}-leak/"):
-        for o in s3.list_objects_v2(Bucket="kubeforge", Prefix=prefix).get("Contents", []):
-            if o["Size"] < 1 << 20:
-                scan(f"s3 {o['Key']}", s3.get_object(Bucket="kubeforge", Key=o["Key"])["Body"].read().decode(
-                    errors="replace"))
-
+    found, scanned, pods = scan_namespace(cluster, operator, namespace, values, texts,
+                                          (f"checkpoints/{namespace}/", f"models/{namespace}-leak/"))
     assert not found, "\n".join(found)
     # the scan read what it claims to: logs of every pod, the operator's, the objects, the checkpoints
     assert {p["metadata"]["labels"][contract.LABEL_ROLE] for p in pods} >= {"worker", "prefill", "decode", "router"}
@@ -205,3 +222,38 @@ def _read_secret(core: Any, namespace: str, name: str) -> Any:
         if e.status == 404:
             return None
         raise
+
+
+def test_rl_job_with_a_judge_leaks_no_secret(operator: Operator, jobs: Jobs, cluster: ClusterHandle,
+                                            namespace: str, tmp_path: Path):
+    import yaml
+
+    from kubeforge.runtime.rl import tasks
+
+    values = secret_values(cluster)
+    core = make_secret(cluster, namespace, values)
+    root = f"s3://kubeforge/rl-leak/{namespace}"
+    model_uri, data_uri = tasks.upload(cluster.s3_client(), root, tmp_path)
+    judge, job = (d for d in yaml.safe_load_all((REPO / "examples/rl-judge-tiny.yaml").read_text()) if d)
+    judge["spec"]["model"] = {"uri": model_uri, "secretRef": {"name": SECRET}}
+    job["spec"]["model"] = {"uri": model_uri, "secretRef": {"name": SECRET}}
+    job["spec"]["data"]["uri"] = data_uri
+    job["spec"]["algorithm"]["steps"] = 2
+    job["spec"]["checkpoint"].update(uri=f"{root}/checkpoints", intervalSteps=1, secretRef={"name": SECRET})
+    code = {"name": "PYTHONPATH", "value": str(REPO / "operator")}  # the pods run this checkout's code
+    for holder in (job["spec"].setdefault("resources", {}), job["spec"].setdefault("rollout", {}).setdefault(
+            "resources", {})):
+        holder["env"] = [*holder.get("env", []), code]
+    jobs.create(judge)
+    jobs.create(job)
+    token_secret = wait(lambda: _read_secret(core, namespace, "rl-judge-kv-token"), 120, "the judge's KV token")
+    values[contract.ENV_KV_TOKEN] = base64.b64decode(token_secret.data[contract.KV_TOKEN_SECRET_KEY]).decode()
+    st = jobs.wait_phase("RLJob", "rl-judged", {"Succeeded", "Failed"}, timeout=500)
+    assert st["phase"] == "Succeeded", json.dumps(st, indent=1)[-3000:]
+
+    found, scanned, pods = scan_namespace(cluster, operator, namespace, values, [],
+                                          (f"rl-leak/{namespace}/checkpoints/",))
+    assert not found, "\n".join(found)
+    roles = {p["metadata"]["labels"].get(contract.LABEL_ROLE) for p in pods}
+    assert "aggregated" in roles and len(roles) >= 2, roles  # the judge's pool and the RLJob's pods
+    assert scanned["pod-log"] > 1000 and scanned["RLJob"] > 0 and scanned["s3"] > 0
