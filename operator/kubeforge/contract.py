@@ -27,6 +27,14 @@ ENV_CHECKPOINT_URI = "KUBEFORGE_CHECKPOINT_URI"  # spec.checkpoint.uri: where th
 ENV_RESUME_STEP = "KUBEFORGE_RESUME_STEP"  # last committed step the operator knew of (a hint; absent at first)
 ENV_HEARTBEAT_SECONDS = "KUBEFORGE_HEARTBEAT_SECONDS"  # rank 0's launcher reports liveness this often
 
+# Serving pods of an InferenceDeployment: the deployment's own token (a Secret the operator creates, reaching
+# engines and router through secretKeyRef). With it set, an engine answers its KV-cache transfer (/kv/*) and
+# weight-sync (/kubeforge/v1/*) endpoints, and requests carrying kv_transfer_params, only to callers sending it
+# in KV_TOKEN_HEADER; the router and the decode engines send it.
+ENV_KV_TOKEN = "KUBEFORGE_KV_TOKEN"
+KV_TOKEN_HEADER = "X-Kubeforge-Kv-Token"
+KV_TOKEN_SECRET_KEY = "token"
+
 SPEC_MOUNT_DIR = "/etc/kubeforge"
 SPEC_FILE_NAME = "job.json"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"

@@ -42,6 +42,7 @@ VALUE_MATRIX: dict[str, dict[str, Any]] = {
                "imagePullSecrets": [{"name": "corp-registry"}]},
     "service-monitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
     "no-user-roles": {"rbac": {"userRoles": False}},
+    "no-own-pod-policy": {"workloads": {"ownPodPolicy": False}},
 }
 
 CHILD_VERBS = frozenset({"get", "create", "patch", "delete"})  # Kube.create/get/merge_patch/delete
@@ -50,6 +51,7 @@ VERB_OVERRIDES: dict[str, frozenset[str]] = {
     "Pod": CHILD_VERBS | {"list", "watch"},  # listed by the reconcilers, watched by kopf
     "Deployment": CHILD_VERBS | {"list"},  # listed by the serving reconciler
     "Event": frozenset({"create"}),
+    "Secret": frozenset({"create"}),  # the operator creates serving tokens and reads no Secret
     "ResourceFlavor": frozenset({"get"}),
 }
 KOPF_NEEDS = {("apiextensions.k8s.io", "customresourcedefinitions"): frozenset({"list", "watch"})}

@@ -133,7 +133,8 @@ def release(cluster: ClusterHandle, dev_cluster_only: None, tmp_path: Path):
     yield rel
     rel.stop_operator()
     for doc in reversed(rel.docs):  # cluster-scoped leftovers would outlive the test
-        if doc["kind"] in ("ValidatingWebhookConfiguration", "ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"):
+        if doc["kind"] in ("ValidatingWebhookConfiguration", "ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering",
+                           "ValidatingAdmissionPolicyBinding", "ValidatingAdmissionPolicy"):
             from kubernetes import dynamic
 
             dynamic.DynamicClient(cluster.api_client()).resources.get(

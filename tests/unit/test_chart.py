@@ -133,6 +133,28 @@ def test_watching_namespaces_grants_roles_there_not_cluster_wide():
     assert hook["namespaceSelector"]["matchExpressions"][0]["values"] == ["team-a", "team-b"]
 
 
+def test_the_operator_creates_but_never_reads_secrets():
+    for rendered in (docs(), docs({"operator": {"namespaces": ["team-a"]}})):
+        for role in helmcheck.operator_rbac(rendered).values():
+            by = helmcheck.rules_by_resource([role])
+            if ("", "secrets") in by:
+                assert by[("", "secrets")] == {"create"}
+            assert by.get(("networking.k8s.io", "networkpolicies"), frozenset()) <= {"get", "create", "patch", "delete"}
+
+
+def test_own_pod_policy_is_shipped_bound_and_switchable():
+    rendered = docs()
+    policy, binding = one(rendered, "ValidatingAdmissionPolicy"), one(rendered, "ValidatingAdmissionPolicyBinding")
+    assert policy["apiVersion"] == binding["apiVersion"] == "admissionregistration.k8s.io/v1"  # GA in 1.30
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"] and binding["spec"]["validationActions"] == ["Deny"]
+    assert policy["spec"]["failurePolicy"] == "Fail" and "matchResources" not in binding["spec"]
+    scoped = one(docs({"operator": {"namespaces": ["team-a", "team-b"]}}), "ValidatingAdmissionPolicyBinding")
+    assert scoped["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"] == [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]}]
+    off = docs(helmcheck.VALUE_MATRIX["no-own-pod-policy"])
+    assert not [d for d in off if "AdmissionPolicy" in d["kind"]]
+
+
 def test_user_roles_aggregate_into_the_built_in_ones():
     rendered = docs()
     editor, viewer = one(rendered, "ClusterRole", "kubeforge-editor"), one(rendered, "ClusterRole", "kubeforge-viewer")

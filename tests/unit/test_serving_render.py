@@ -81,7 +81,7 @@ def flag(argv: list[str], name: str) -> str | None:
     (VLLM_PD, {("ServiceAccount", "llm-router"), ("Role", "llm-router"), ("RoleBinding", "llm-router"),
                ("Deployment", "llm-prefill"), ("Deployment", "llm-decode"), ("Deployment", "llm-router"),
                ("PodDisruptionBudget", "llm-prefill"), ("PodDisruptionBudget", "llm-decode"),
-               ("PodDisruptionBudget", "llm-router"), ("Service", "llm")}),
+               ("PodDisruptionBudget", "llm-router"), ("NetworkPolicy", "llm-engines"), ("Service", "llm")}),
     (VLLM_AGG, {("Deployment", "agg"), ("PodDisruptionBudget", "agg"), ("Service", "agg")}),
     (REF_AGG, {("Deployment", "one"), ("PodDisruptionBudget", "one"), ("Service", "one")}),
     (REF_AGG_ROUTER, {("ServiceAccount", "one-router"), ("Role", "one-router"), ("RoleBinding", "one-router"),
@@ -389,6 +389,61 @@ def test_router_timeouts_and_concurrency_come_from_the_spec():
     c = children(obj)[("Deployment", "tiny-router")]["spec"]["template"]["spec"]["containers"][0]
     a = parse_args(_expand(c["command"], POD_ENV)[3:])
     assert (a.request_timeout, a.stream_timeout, a.max_in_flight) == (1200, 7200, 64)
+
+
+@pytest.mark.parametrize("obj", [REF_PD, REF_AGG, REF_AGG_ROUTER], ids=["pd", "agg", "agg-router"])
+def test_kv_token_reaches_engines_and_router_by_secret_reference_only(obj):
+    name = obj["metadata"]["name"]
+    for (kind, _), m in children(obj).items():
+        if kind != "Deployment":
+            continue
+        spec = m["spec"]["template"]["spec"]
+        engine_or_router = spec["containers"][0]
+        refs = [e for e in engine_or_router["env"] if e["name"] == contract.ENV_KV_TOKEN]
+        assert refs == [{"name": contract.ENV_KV_TOKEN, "valueFrom": {"secretKeyRef": {
+            "name": f"{name}-kv-token", "key": contract.KV_TOKEN_SECRET_KEY}}}]
+        for c in spec.get("initContainers", []):  # the model fetch needs S3 only
+            assert all(e["name"] != contract.ENV_KV_TOKEN for e in c.get("env", []))
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A LabelSelector's meaning (matchLabels and the In operator, all this code renders)."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for e in selector.get("matchExpressions", []):
+        assert e["operator"] == "In"
+        if labels.get(e["key"]) not in e["values"]:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("obj", [REF_PD, VLLM_PD], ids=["reference", "vllm"])
+def test_network_policy_admits_only_the_deployments_own_pods_to_the_engines(obj):
+    name = obj["metadata"]["name"]
+    policy = children(obj)[("NetworkPolicy", f"{name}-engines")]
+    assert policy["apiVersion"] == "networking.k8s.io/v1" and policy["spec"]["policyTypes"] == ["Ingress"]
+    pods = {pool: children(obj)[("Deployment", f"{name}-{pool}")]["spec"]["template"]["metadata"]["labels"]
+            for pool in ("prefill", "decode", "router")}
+    target = policy["spec"]["podSelector"]
+    assert _selects(target, pods["prefill"]) and _selects(target, pods["decode"])
+    assert not _selects(target, pods["router"])  # clients reach the router
+    (rule,) = policy["spec"]["ingress"]
+    assert "ports" not in rule  # every port: HTTP, /kv/*, vLLM's side channel
+    (peer,) = rule["from"]
+    assert set(peer) == {"podSelector"}  # no namespaceSelector / ipBlock: this namespace's pods only
+    assert all(_selects(peer["podSelector"], labels) for labels in pods.values())
+    other = with_(obj, "metadata.name", "other")
+    for labels in (pods["router"], {**pods["router"], contract.LABEL_JOB_NAME: "other"},
+                   {**pods["router"], contract.LABEL_JOB_KIND: "PretrainJob"}):
+        foreign = labels[contract.LABEL_JOB_NAME] != name or labels[contract.LABEL_JOB_KIND] != "InferenceDeployment"
+        assert _selects(peer["podSelector"], labels) is not foreign
+    assert children(other)[("NetworkPolicy", "other-engines")]["spec"]["podSelector"]["matchLabels"][
+        contract.LABEL_JOB_NAME] == "other"
+
+
+@pytest.mark.parametrize("obj", [REF_AGG, REF_AGG_ROUTER, VLLM_AGG], ids=["agg", "agg-router", "vllm-agg"])
+def test_no_network_policy_where_clients_may_reach_the_pool_directly(obj):
+    assert not [k for k in children(obj) if k[0] == "NetworkPolicy"]
 
 
 def test_router_rbac_is_least_privilege():
@@ -810,6 +865,7 @@ def test_reconcile_creates_then_converges_then_rolls():
                               ("Deployment", "tiny-router"), ("PodDisruptionBudget", "tiny-decode"),
                               ("PodDisruptionBudget", "tiny-prefill"), ("PodDisruptionBudget", "tiny-router"),
                               ("Role", "tiny-router"), ("RoleBinding", "tiny-router"),
+                              ("NetworkPolicy", "tiny-engines"), ("Secret", "tiny-kv-token"),
                               ("Service", "tiny"), ("ServiceAccount", "tiny-router")])
     assert kube.events == [("Normal", "Progressing")]
     st = kube.store[("InferenceDeployment", "ns1", "tiny")]["status"]
@@ -826,6 +882,25 @@ def test_reconcile_creates_then_converges_then_rolls():
     kube.calls.clear()
     r.reconcile("InferenceDeployment", "ns1", "tiny")
     assert [c for c in kube.calls if c[0] == "patch"] == [("patch", "Deployment", "tiny-decode")]
+
+
+def test_reconcile_creates_the_kv_token_once_and_renders_it_nowhere():
+    kube = FakeKube(REF_PD)
+    r = Reconciler(kube, SETTINGS, clock=lambda: T0)  # type: ignore[arg-type]
+    r.reconcile("InferenceDeployment", "ns1", "tiny")
+    secret = kube.store[("Secret", "ns1", "tiny-kv-token")]
+    token = secret["stringData"][contract.KV_TOKEN_SECRET_KEY]
+    assert len(token) >= 40 and secret["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    r.reconcile("InferenceDeployment", "ns1", "tiny")
+    assert kube.store[("Secret", "ns1", "tiny-kv-token")]["stringData"][contract.KV_TOKEN_SECRET_KEY] == token
+    # the value is in the Secret only: not in a Deployment, the status, an event or another object
+    for key, o in kube.store.items():
+        if key[0] != "Secret":
+            assert token not in json.dumps(o), key
+    assert all(token not in reason for _, reason in kube.events)
+    other = FakeKube(REF_PD)
+    Reconciler(other, SETTINGS, clock=lambda: T0).reconcile("InferenceDeployment", "ns1", "tiny")  # type: ignore[arg-type]
+    assert other.store[("Secret", "ns1", "tiny-kv-token")]["stringData"]["token"] != token  # random, per object
 
 
 def test_reconcile_waits_for_model_from_and_creates_nothing():

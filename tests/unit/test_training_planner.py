@@ -116,7 +116,7 @@ def test_new_job_creates_the_whole_gang_with_its_support_objects():
         assert m["spec"]["serviceAccountName"] == "ptj-runtime"
     role = next(m for m in p.create if m["kind"] == "Role")
     assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"],
-                              "resourceNames": ["ptj-worker-0", "ptj-worker-1"], "verbs": ["get", "patch"]}]
+                              "resourceNames": ["ptj-worker-0", "ptj-worker-1"], "verbs": ["patch"]}]
     spec_file = json.loads(next(m for m in p.create if m["kind"] == "ConfigMap")["data"]["job.json"])
     assert spec_file["kind"] == "PretrainJob" and spec_file["spec"]["training"]["totalSteps"] == 20
     assert p.status.phase == "Starting" and p.status.gang_created_at == rfc3339(T0)

@@ -111,6 +111,28 @@ def test_trainer_image_torch_and_transformers_are_the_tested_ones():
     assert _constraint("transformers")
 
 
+def test_one_vllm_dump_and_it_is_of_the_pinned_release():
+    """A dump left behind from an older vLLM would be a parser nobody checks against."""
+    dumps = sorted(p.name for p in (ROOT / "tests" / "data").glob("vllm-serve-*.json"))
+    assert dumps == [f"vllm-serve-{vllm.VLLM_VERSION}.json"]
+
+
+@pytest.mark.parametrize("name", ["torch", "transformers"])
+def test_trainer_pins_are_what_the_tests_run_and_the_train_extra_admits(name):
+    """The trainer image installs constraints.txt's torch (its base tag) and transformers: the same versions
+    the CPU suite runs, inside the [train] extra's ranges (else pip refuses to build the image)."""
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    pin = _constraint(name)
+    assert Version(version(name)).base_version == Version(pin).base_version, (name, version(name), pin)
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (req,) = [Requirement(r) for r in extras["train"] if Requirement(r).name == name]
+    assert req.specifier.contains(pin), (name, str(req.specifier), pin)
+
+
 def test_operator_and_router_images_install_with_the_constraints():
     for path in (ROOT / "Dockerfile", ROOT / "images" / "router" / "Dockerfile"):
         assert "pip install -c /constraints.txt" in path.read_text(), path

@@ -101,7 +101,7 @@ pretrainjobs contextextensionjobs rljobs inferencedeployments
   - apiGroups: ["kubeforge.dev"]
     resources: ["pretrainjobs/finalizers", "contextextensionjobs/finalizers", "rljobs/finalizers", "inferencedeployments/finalizers"]
     verbs: ["update"]
-  # gang pods (listed by the reconcilers, watched by kopf); get/patch are also what per-job Roles grant
+  # gang pods (listed by the reconcilers, watched by kopf); patch is also what per-job Roles grant
   - apiGroups: [""]
     resources: ["pods"]
     verbs: ["get", "list", "watch", "create", "patch", "delete"]
@@ -112,6 +112,14 @@ pretrainjobs contextextensionjobs rljobs inferencedeployments
   - apiGroups: [""]
     resources: ["events"]
     verbs: ["create"]
+  # an InferenceDeployment's KV token: created, never read (the operator holds no credential)
+  - apiGroups: [""]
+    resources: ["secrets"]
+    verbs: ["create"]
+  # disaggregated engines reachable only from their deployment's pods
+  - apiGroups: ["networking.k8s.io"]
+    resources: ["networkpolicies"]
+    verbs: ["get", "create", "patch", "delete"]
   # per-job least-privilege Role + RoleBinding (what they grant is held above: no bind/escalate)
   - apiGroups: ["rbac.authorization.k8s.io"]
     resources: ["roles", "rolebindings"]

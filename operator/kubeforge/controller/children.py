@@ -91,7 +91,9 @@ def spec_config_map(obj: dict[str, Any], resolved_spec: dict[str, Any], name: st
 
 
 def progress_rbac(obj: dict[str, Any], account: str, pod_names: list[str]) -> list[dict[str, Any]]:
-    """A ServiceAccount that may read and patch exactly the job's own pods, nothing else."""
+    """A ServiceAccount that may patch the job's own pods (progress and heartbeat annotations), nothing else:
+    no read, no other verb. RBAC cannot say "the caller's own pod"; the chart's ValidatingAdmissionPolicy
+    (templates/workload-pod-policy.yaml) narrows it to the pod a request's token is bound to."""
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata(obj, account)},
         {
@@ -100,7 +102,7 @@ def progress_rbac(obj: dict[str, Any], account: str, pod_names: list[str]) -> li
             "metadata": metadata(obj, account),
             "rules": [
                 {"apiGroups": [""], "resources": ["pods"], "resourceNames": sorted(pod_names),
-                 "verbs": ["get", "patch"]},
+                 "verbs": ["patch"]},
             ],
         },
         {

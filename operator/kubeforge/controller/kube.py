@@ -59,6 +59,8 @@ RESOURCES: dict[str, Resource] = {
     "Role": Resource("rbac.authorization.k8s.io", "v1", "roles"),
     "RoleBinding": Resource("rbac.authorization.k8s.io", "v1", "rolebindings"),
     "Deployment": Resource("apps", "v1", "deployments"),
+    "Secret": Resource("", "v1", "secrets"),  # created only (an InferenceDeployment's token), never read
+    "NetworkPolicy": Resource("networking.k8s.io", "v1", "networkpolicies"),
     # policy/v1 from Kubernetes 1.21; older servers (the v1.20 dev cluster) serve only policy/v1beta1
     "PodDisruptionBudget": Resource("policy", "v1", "poddisruptionbudgets"),
     "PodGroup.volcano": Resource("scheduling.volcano.sh", "v1beta1", "podgroups"),

@@ -9,6 +9,13 @@ Children (deterministic names, kubeforge labels, owned by the InferenceDeploymen
   Service    <name>  -> router pods when there is a router, else straight to the pool (no extra hop);
                         an aggregated pool's router takes the Service over once a router pod is ready
   ServiceAccount/Role/RoleBinding <name>-router: list/watch pods in the namespace (router discovery)
+  Secret     <name>-kv-token: the deployment's own random token, created once by the operator (which may
+                        create Secrets but never read one); engines and router get it by secretKeyRef.
+                        Engines answer /kv/* (KV-cache hand-off), /kubeforge/v1/* and kv_transfer_params
+                        only with it; the router and decode engines send it
+  NetworkPolicy <name>-engines (disaggregated): the engine pods take connections only from this
+                        deployment's own pods (router, prefill, decode); clients reach them through the
+                        router. Enforced by the cluster's network plugin, where it has one
   PodDisruptionBudget per Deployment (same name): maxUnavailable 1, so a node drain or a cluster
                         autoscaler scale-down evicts a pool's pods one at a time (policy/v1, or v1beta1 on
                         servers older than 1.21)
@@ -38,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Mapping
@@ -119,6 +127,14 @@ def router_account(obj: dict[str, Any]) -> str:
     return f"{obj['metadata']['name']}-router"
 
 
+def kv_token_secret_name(obj: dict[str, Any]) -> str:
+    return f"{obj['metadata']['name']}-kv-token"
+
+
+def network_policy_name(obj: dict[str, Any]) -> str:
+    return f"{obj['metadata']['name']}-engines"
+
+
 def served_name(obj: dict[str, Any], spec: InferenceDeploymentSpec) -> str:
     return spec.served_model_name or str(obj["metadata"]["name"])
 
@@ -179,6 +195,28 @@ def _common_env(obj: dict[str, Any]) -> list[dict[str, Any]]:
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         *downward_env(),
     ]
+
+
+def kv_token_env(obj: dict[str, Any]) -> dict[str, Any]:
+    """The deployment's token, by reference: its value is never in a pod spec, a status or a log."""
+    return {"name": contract.ENV_KV_TOKEN, "valueFrom": {"secretKeyRef": {
+        "name": kv_token_secret_name(obj), "key": contract.KV_TOKEN_SECRET_KEY}}}
+
+
+def kv_token_secret(obj: dict[str, Any], token: str) -> dict[str, Any]:
+    """The Secret holding the deployment's token (created once; its value is random, so it is not part of
+    the pure desired_children)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": metadata(obj, kv_token_secret_name(obj)),
+        "type": "Opaque",
+        "stringData": {contract.KV_TOKEN_SECRET_KEY: token},
+    }
+
+
+def new_kv_token() -> str:
+    return secrets.token_urlsafe(32)
 
 
 def fetch_container(
@@ -263,7 +301,7 @@ def engine_deployment(
             "name": "engine",
             "image": image,
             "command": reference_command(obj, spec, pool, role, settings.python),
-            "env": [*_common_env(obj), *user_env],
+            "env": [*_common_env(obj), kv_token_env(obj), *user_env],
             "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
             "resources": resources_block(pool),
             "lifecycle": vllm.pre_stop(),
@@ -313,7 +351,7 @@ def router_deployment(
         "name": "router",
         "image": r.image or settings.router_image,
         "command": argv,
-        "env": _common_env(obj),
+        "env": [*_common_env(obj), kv_token_env(obj)],
         "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}},
         "readinessProbe": vllm.http_probe("/ready", 2, 3, timeout=5),
@@ -380,6 +418,26 @@ def disruption_budget(obj: dict[str, Any], pool: str, api_version: str) -> dict[
     }
 
 
+def network_policy(obj: dict[str, Any]) -> dict[str, Any]:
+    """Disaggregated engines take connections (any port: HTTP, /kv/*, vLLM's KV side channel) only from the
+    deployment's own pods. Policies add up: a cluster that scrapes engine /metrics adds its own policy
+    allowing the scraper. Kubelet probes from the node are always allowed by NetworkPolicy semantics."""
+    own = pod_selector_labels(obj, None)
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(obj, network_policy_name(obj)),
+        "spec": {
+            "podSelector": {
+                "matchLabels": own,
+                "matchExpressions": [{"key": contract.LABEL_ROLE, "operator": "In", "values": [PREFILL, DECODE]}],
+            },
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": own}}]}],
+        },
+    }
+
+
 def router_rbac(obj: dict[str, Any]) -> list[dict[str, Any]]:
     """The router watches the pools' pods: get/list/watch pods in this namespace, nothing else."""
     account = router_account(obj)
@@ -422,6 +480,8 @@ def desired_children(
         pools.append(ROUTER)
     if pdb_api_version:
         out += [disruption_budget(obj, pool, pdb_api_version) for pool in pools]
+    if spec.mode == "disaggregated":  # there the Service always points at the router, never at an engine
+        out.append(network_policy(obj))
     out.append(service(obj, spec, service_to_router))
     return out
 
@@ -498,6 +558,11 @@ def _apply(reconciler: Any, obj: dict[str, Any], children: list[dict[str, Any]],
             patch = service_patch(current, manifest) if current is not None else None
             if patch is not None:
                 kube.merge_patch(RESOURCES["Service"], ns, name, patch)
+        elif kind == "NetworkPolicy":
+            if not kube.create(manifest):
+                current = kube.get(RESOURCES["NetworkPolicy"], ns, name)
+                if current is not None and current.get("spec") != manifest["spec"]:
+                    kube.merge_patch(RESOURCES["NetworkPolicy"], ns, name, {"spec": manifest["spec"]})
         elif not kube.create(manifest) and kind == "Role":  # exists: keep its rules ours, patch only a diff
             current = kube.get(RESOURCES["Role"], ns, name)
             if current is not None and current.get("rules") != manifest["rules"]:
@@ -843,6 +908,8 @@ def reconcile_serving(reconciler: Any, obj: dict[str, Any]) -> float | None:
             observed.signals = read_signals(router_urls(observed.pods, spec.port), spec)
     plan = plan_serving(obj, spec, observed, now)
     if source.uri and not source.waiting and not source.failed:
+        # before the pods that reference it; exists already on every later pass (a 409, nothing read)
+        kube.create(kv_token_secret(obj, new_kv_token()))
         children = desired_children(obj, spec, source.uri, settings, plan.replicas, plan.service_to_router,
                                     pdb_api_version(kube))
         _apply(reconciler, obj, children, observed.deployments)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import os
@@ -40,6 +41,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from kubeforge.contract import ENV_KV_TOKEN, KV_TOKEN_HEADER
 
 from . import metrics as m
 from .kvcache import (
@@ -121,6 +124,7 @@ class Engine:
         dtype: str = "float32",
         tokenizer_dir: str | None = None,
         max_waiting: int = 1024,
+        kv_token: str | None = None,
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -139,6 +143,8 @@ class Engine:
         self.advertise_host = advertise_host
         self.port = port
         self.kv_fetch_timeout = kv_fetch_timeout
+        # the deployment's token: required on /kv/*, /kubeforge/v1/* and KV-directed requests, sent on fetches
+        self.kv_token = kv_token or None
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
         self.model.eval()
@@ -493,7 +499,8 @@ class Engine:
         h = f"[{host}]" if ":" in str(host) else host
         url = f"http://{h}:{int(port)}/kv/{tid}"
         try:
-            r = await client.get(url, timeout=httpx.Timeout(self.kv_fetch_timeout, connect=2.0))
+            headers = {KV_TOKEN_HEADER: self.kv_token} if self.kv_token else None
+            r = await client.get(url, headers=headers, timeout=httpx.Timeout(self.kv_fetch_timeout, connect=2.0))
         except httpx.HTTPError as e:
             raise KVTransferError(f"KV fetch from {url} failed: {e!r}") from e
         if r.status_code != 200:
@@ -531,6 +538,28 @@ def _chunk(
     }
 
 
+def kv_token_refusal(request: Request, token: str | None) -> Response | None:
+    """None when the request may use the engine's internal endpoints: no token configured, or the caller sent
+    it (compared in constant time); else 401 (none sent) or 403 (a wrong one)."""
+    if not token:
+        return None
+    sent = request.headers.get(KV_TOKEN_HEADER)
+    if sent is None:
+        return error_response(401, f"this endpoint needs the deployment's token ({KV_TOKEN_HEADER})",
+                              "authentication_error")
+    if not hmac.compare_digest(sent.encode(), token.encode()):
+        return error_response(403, "wrong token for this deployment", "permission_error")
+    return None
+
+
+def _guarded(endpoint, token: str | None):
+    async def guarded(request: Request) -> Response:
+        refusal = kv_token_refusal(request, token)
+        return refusal if refusal is not None else await endpoint(request)
+
+    return guarded
+
+
 async def _disconnected(request: Request) -> None:
     """Returns when the client goes away (call once the body has been read)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -555,8 +584,12 @@ def build_app(engine: Engine, request_timeout: float = 600.0) -> Starlette:
             model = body.get("model")
             if model not in (None, engine.name):
                 return error_response(404, f"The model `{model}` does not exist.", "NotFoundError")
-            ids = engine.prompt_ids(api, body)
             kvp = body.get("kv_transfer_params") or {}
+            # kv_transfer_params make this engine keep a cache for, or fetch one from, a host they name:
+            # only the router (or a pod of this deployment) may send them
+            if kvp and (refusal := kv_token_refusal(request, engine.kv_token)) is not None:
+                return refusal
+            ids = engine.prompt_ids(api, body)
             remote_decode = bool(kvp.get("do_remote_decode"))
             if remote_decode:  # the prefill leg answers one token, whatever max_tokens says
                 body = dict(body, max_tokens=1, max_completion_tokens=1)
@@ -776,8 +809,9 @@ def build_app(engine: Engine, request_timeout: float = 600.0) -> Starlette:
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
-            Route("/kv/{tid}", kv_get, methods=["GET"]),
-            *_rl_weight_routes(engine),
+            Route("/kv/{tid}", _guarded(kv_get, engine.kv_token), methods=["GET"]),
+            *(Route(r.path, _guarded(r.endpoint, engine.kv_token), methods=r.methods)
+              for r in _rl_weight_routes(engine)),
         ],
         lifespan=lifespan,
     )
@@ -873,7 +907,10 @@ def main(argv=None) -> None:
         dtype=a.dtype,
         tokenizer_dir=a.tokenizer,
         max_waiting=a.max_waiting,
+        kv_token=os.environ.get(ENV_KV_TOKEN),
     )
+    if not engine.kv_token:
+        log.warning("%s is not set: /kv/* and /kubeforge/v1/* answer anyone who reaches this port", ENV_KV_TOKEN)
     app = build_app(engine, a.request_timeout)
     e = engine
 

@@ -7,6 +7,8 @@ Per request (vLLM's disaggregated flow, so it works with vLLM + NixlConnector an
   2. pick a decode pod and send the client's original body with the kv_transfer_params the prefill pod
      returned; stream the answer back. The same X-Request-Id goes on both legs. kv_transfer_params a
      client sends are dropped: they name the host an engine fetches from (server-side request forgery).
+     Both legs carry the deployment's token ($KUBEFORGE_KV_TOKEN, header X-Kubeforge-Kv-Token), without which
+     engines refuse kv_transfer_params; a client's own headers other than Authorization are not forwarded.
 Prompts shorter than --prefill-threshold-tokens skip the prefill hop (the decode pod prefills locally), and
 so do requests for which no prefill pod could answer (counted; --no-prefill-fallback turns that into a 503).
 With only one pool the router is a plain load-aware proxy (aggregated mode).
@@ -29,6 +31,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -38,6 +41,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from kubeforge.contract import ENV_KV_TOKEN, KV_TOKEN_HEADER
 
 from . import metrics as m
 from .discovery import Discovery, FileDiscovery, KubernetesDiscovery, StaticDiscovery
@@ -158,6 +163,7 @@ class RouterConfig:
     scrape_interval: float = 2.0
     recent_window: float = 60.0
     down_s: float = 5.0
+    kv_token: str | None = None  # the deployment's token, sent to engines on both legs
     extra: dict = field(default_factory=dict)
 
 
@@ -345,6 +351,8 @@ class Router:
         auth = request.headers.get("authorization")
         if auth:
             h["Authorization"] = auth
+        if self.cfg.kv_token:
+            h[KV_TOKEN_HEADER] = self.cfg.kv_token
         return h
 
     async def prefill_leg(self, api: str, body: dict, headers: dict) -> tuple[dict | None, Response | None]:
@@ -811,6 +819,7 @@ def main(argv=None) -> None:
         tokenizer=a.tokenizer,
         scrape_interval=a.scrape_interval,
         recent_window=a.recent_window,
+        kv_token=os.environ.get(ENV_KV_TOKEN) or None,
     )
     router = Router(make_discovery(a), cfg)
     app = build_app(router)
