@@ -326,7 +326,7 @@ def _upload_data(s3: Any, workdir: Path) -> list[str]:
     """The corpus, the RL prompts and anything else the lifecycle's objects read."""
     from kubeforge.runtime import lifecycle_data
 
-    return list(lifecycle_data.upload(s3, "s3://kubeforge", workdir))
+    return list(lifecycle_data.upload(s3, "s3://kubeforge", workdir).values())
 
 
 def main(argv: list[str] | None = None) -> int:
