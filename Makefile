@@ -51,8 +51,8 @@ test-integration: setup cluster-binaries
 test: setup cluster-binaries
 	$(PY) -m pytest tests -q $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
-# The README's main job: a dev cluster (unless KUBECONFIG is set) with the operator, a tiny PretrainJob
-# trained to completion on CPU, then served through an InferenceDeployment.
+# The README's main job: a dev cluster (unless KUBECONFIG is set) with the operator, and the whole life of a
+# tiny model on CPU from examples/lifecycle.yaml: pre-train -> extend context -> RL -> serve, one apply.
 demo: setup cluster-binaries
 	$(PY) -m kubeforge.demo
 

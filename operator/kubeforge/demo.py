@@ -162,7 +162,7 @@ def status_line(kind: str, name: str, obj: dict[str, Any] | None) -> str:
     """One line that says where an object is: phase, then what matters for its kind."""
     st = (obj or {}).get("status") or {}
     phase = st.get("phase") or ("(not created)" if obj is None else "Pending")
-    head = f"{kind:<20} {name:<16} {phase:<12}"
+    head = f"{kind:<20} {name:<16} {phase:<15}"
     prog = st.get("progress") or {}
     if phase in ("Pending", "Queued", "WaitingForModel") and _waiting_reason(st):
         return f"{head} {_waiting_reason(st)}"
@@ -311,10 +311,17 @@ def show_serving(cluster: Any, kube: Any, obj: dict[str, Any], prompt: str) -> N
     if base is None:
         raise SystemExit(f"Service {service} has no cluster IP")
     models = httpx.get(f"{base}/v1/models", timeout=30).json().get("data") or []
+    from kubeforge.runtime.provenance import chain
+
     for card in models:
-        prov = card.get("provenance") or card.get("kubeforge", {}).get("provenance")
-        if prov:
-            _say(f"lineage on /v1/models: {json.dumps(prov)[:600]}")
+        links = chain(card.get("provenance"))
+        if links:
+            _say(f"lineage of {card.get('id')} on /v1/models (kubeforge-provenance.json), newest first:")
+        for p in links:
+            metrics = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                for k, v in (p.get("metrics") or {}).items())
+            _say(f"  {p.get('kind')} {p.get('name')} (uid {p.get('uid')}): {p.get('steps')} steps"
+                 f"{', ' + metrics if metrics else ''}; data {', '.join(p.get('data') or []) or '-'}")
     served = obj["spec"].get("servedModelName") or (models[0]["id"] if models else obj["metadata"]["name"])
     body = {"model": served, "prompt": prompt, "max_tokens": 8, "temperature": 0}
     resp = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
