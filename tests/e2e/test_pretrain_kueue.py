@@ -153,7 +153,8 @@ def test_real_kueue_quota_suspend_preemption_and_resume(operator: Operator, jobs
     try:
         wait(lambda: len(jobs.pods("second")) == 2, 240, "Kueue to admit the second job in the freed quota")
     except AssertionError as e:
-        raise AssertionError(f"{e}\n{explain(jobs, 'first', 'second')}") from None
+        log = "\n".join(operator.log().splitlines()[-60:])
+        raise AssertionError(f"{e}\n{explain(jobs, 'first', 'second')}\noperator log (tail):\n{log}") from None
     assert workload(jobs, "first")["spec"]["active"] is False
 
     # --- a higher-priority job preempts the second: eviction -> checkpoint -> re-admission -> resume

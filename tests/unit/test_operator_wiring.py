@@ -167,6 +167,47 @@ def test_a_finished_or_deleted_source_reconciles_its_consumers_at_once(monkeypat
         assert seen == own + expected, (phase, type_)
 
 
+def test_kueue_admitting_or_evicting_a_workload_reconciles_its_job_at_once(monkeypatch):
+    """Kueue says admission, eviction and preemption only on the Workload: its events reconcile the owning
+    job now (not at the next resync), the watch is filtered to kubeforge's Workloads at the API server, and
+    the operator's own writes to the Workload coming back reconcile nothing."""
+    from kopf._cogs.structs.references import Resource
+
+    from kubeforge.controller import handlers
+
+    settings = kopf.OperatorSettings()
+    handlers.tune(settings)
+    for version in ("v1beta1", "v1beta2"):
+        workloads = Resource("kueue.x-k8s.io", version, "workloads", kind="Workload", namespaced=True)
+        selector = ",".join(settings.watching.label_selectors.collect(workloads))
+        assert contract.LABEL_JOB_KIND in selector and contract.LABEL_JOB_NAME in selector
+
+    (handler,) = [h for h in kopf.get_default_registry()._watching.get_all_handlers()
+                  if h.id == "on_child_workload"]
+    assert handler.selector.group == "kueue.x-k8s.io" and handler.selector.plural == "workloads"
+    assert handler.selector.version is None  # the cluster's preferred version: v1beta1 or v1beta2
+
+    queued: list[tuple[Any, float]] = []
+
+    class FakeRequeue:
+        def after(self, key: Any, seconds: float) -> None:
+            queued.append((key, seconds))
+
+    monkeypatch.setattr(handlers, "requeue", FakeRequeue)
+    labels = {contract.LABEL_JOB_KIND: "PretrainJob", contract.LABEL_JOB_NAME: "train"}
+    admitted = {"metadata": {"namespace": "ns", "name": "train-workload", "resourceVersion": "7", "labels": labels},
+                "status": {"admission": {"clusterQueue": "cq"}}}
+    handler.fn(body=admitted, labels=labels, namespace="ns", type="MODIFIED")
+    assert queued == [(("PretrainJob", "ns", "train"), 0)]
+
+    queued.clear()
+    handlers.reconciler().kube.echoes.expect("workloads", {**admitted, "metadata": {**admitted["metadata"],
+                                                                                    "resourceVersion": "8"}})
+    handler.fn(body={**admitted, "metadata": {**admitted["metadata"], "resourceVersion": "8"}}, labels=labels,
+               namespace="ns", type="MODIFIED")
+    assert queued == []
+
+
 def test_the_resync_reconciles_every_indexed_object(monkeypatch):
     from kubeforge.controller import handlers
 

@@ -131,10 +131,11 @@ pretrainjobs contextextensionjobs rljobs inferencedeployments
   - apiGroups: ["policy"]
     resources: ["poddisruptionbudgets"]
     verbs: ["get", "create", "patch", "delete"]
-  # gang scheduling: Kueue Workloads, Volcano / scheduler-plugins PodGroups
+  # gang scheduling: Kueue Workloads (watched: admission and eviction reconcile the job at once),
+  # Volcano / scheduler-plugins PodGroups
   - apiGroups: ["kueue.x-k8s.io"]
     resources: ["workloads"]
-    verbs: ["get", "create", "patch", "delete"]
+    verbs: ["get", "list", "watch", "create", "patch", "delete"]
   - apiGroups: ["kueue.x-k8s.io"]
     resources: ["workloads/status"]
     verbs: ["patch"]

@@ -2,7 +2,8 @@
 
 kopf knows nothing of desired vs actual state, so convergence is driven by triggers that all run the same
 idempotent reconcile, on the requeue workers (controller/requeue.py): an event on the object; events on its
-pods, folded into one reconcile a moment later (a gang's pods emit dozens in a burst); the `requeue_after` a
+pods, folded into one reconcile a moment later (a gang's pods emit dozens in a burst); events on its Kueue
+Workload (admission, eviction, preemption: Kueue says them nowhere else); the `requeue_after` a
 reconcile asks for (a deadline, a backoff, a schedule timeout); a source of model.from that succeeded, failed
 or went, for the objects that wait on it (kopf indices of model.from); and a slow safety-net resync
 (KUBEFORGE_RESYNC_SECONDS) for anything missed. The operator's own writes coming back on the watch (its
@@ -32,7 +33,7 @@ from kubeforge.api.registry import KINDS
 from kubeforge.api.validation import validate
 from kubeforge.settings import OperatorSettings
 
-from . import metrics
+from . import kueue, metrics
 from .kube import Kube
 from .reconciler import Reconciler
 from .requeue import Requeue
@@ -111,6 +112,7 @@ def tune(settings: kopf.OperatorSettings) -> None:
     settings.execution.max_workers = 16
     settings.watching.server_timeout = 300
     settings.watching.label_selectors["", "v1", "pods"] = CHILD_POD_SELECTOR
+    settings.watching.label_selectors[kueue.GROUP, "workloads"] = CHILD_POD_SELECTOR
     settings.networking.request_timeout = 60
     settings.networking.connect_timeout = 10
     if SETTINGS.webhook:
@@ -243,9 +245,14 @@ def index_entries(indices: list[Any]) -> list[tuple[tuple[str, str], dict[str, A
 
 
 async def resync_loop(indices: list[Any], interval: float) -> None:
+    """The safety net never stops: a pass that fails is logged and the next one comes as usual (an exception
+    escaping would end the task silently, and with it every reconcile that nothing else triggers)."""
     while True:
         await asyncio.sleep(interval)
-        resync_once(indices)
+        try:
+            resync_once(indices)
+        except Exception:  # noqa: BLE001
+            log.exception("resync pass failed; the next one is in %.0fs", interval)
 
 
 for _kind in KINDS:
@@ -282,3 +289,17 @@ def on_child_pod(body: kopf.Body, labels: dict[str, str], namespace: str | None,
     except Exception:
         log.exception("could not record the report of pod %s/%s", namespace, body.get("metadata", {}).get("name"))
     requeue().after((kind, namespace, name), POD_EVENTS_FOLD_S)
+
+
+# Kueue's preferred version of Workloads (kopf resolves it; a cluster without Kueue only logs that the resource
+# is not there, and kopf starts watching once its CRD appears)
+@kopf.on.event(group=kueue.GROUP, plural="workloads",
+               labels={contract.LABEL_JOB_KIND: kopf.PRESENT, contract.LABEL_JOB_NAME: kopf.PRESENT})
+def on_child_workload(body: kopf.Body, labels: dict[str, str], namespace: str | None, type: str | None,
+                      **_: Any) -> None:
+    """Kueue admitted, evicted, preempted or finished a job's Workload: reconcile the job now, not at the
+    next resync (the Workload is the only place Kueue says so). The operator's own writes to it (its
+    creation, `active`, the status it reports back) are echoes and reconcile nothing."""
+    if not namespace or is_echo("workloads", body, type):
+        return
+    requeue().after((labels[contract.LABEL_JOB_KIND], namespace, labels[contract.LABEL_JOB_NAME]), 0)
