@@ -99,12 +99,27 @@ def required_permissions(resources: Mapping[str, Any] | None = None) -> dict[tup
             add((res.group, res.plural), VERB_OVERRIDES.get(kind, CHILD_VERBS))
     add((kueue.GROUP, "workloads"), CHILD_VERBS)
     add((kueue.GROUP, "workloads/status"), {"patch"})
+    for key in watched_by_kopf():  # every resource a kopf handler or index watches is listed and watched
+        add(key, {"list", "watch"})
     add(("", "nodes"), {"get"})  # the reconciler reads the Node of a pod that looks cut off (node loss)
     for key, verbs in KOPF_NEEDS.items():
         add(key, verbs)
     for key, verbs in granted_by_operator().items():  # held by the operator itself: no bind/escalate
         add(key, verbs)
     return need
+
+
+def watched_by_kopf() -> set[tuple[str, str]]:
+    """(apiGroup, plural) of every resource the operator's kopf handlers and indices watch (from kopf's
+    registry, so a new watch cannot ship without its RBAC)."""
+    import kopf
+
+    import kubeforge.controller.handlers  # noqa: F401 - registers the handlers
+
+    registry = kopf.get_default_registry()
+    handlers = [*registry._watching.get_all_handlers(), *registry._indexing.get_all_handlers()]
+    return {(h.selector.group or "", h.selector.plural or h.selector.any_name or "")
+            for h in handlers if h.selector is not None}
 
 
 def granted_by_operator() -> dict[tuple[str, str], frozenset[str]]:

@@ -324,9 +324,9 @@ class ReadsStaleOnce(Kube):
             return stale
         return super().get(res, namespace, name)
 
-    def delete(self, res, namespace, name, grace_seconds=None):
+    def delete(self, res, namespace, name, grace_seconds=None, uid=None):
         self.deleted.append(name)
-        return super().delete(res, namespace, name, grace_seconds)
+        return super().delete(res, namespace, name, grace_seconds, uid)
 
 
 def test_a_plan_made_from_a_stale_read_touches_no_pod_and_is_made_again(cluster, namespace):
@@ -361,3 +361,47 @@ def test_a_plan_made_from_a_stale_read_touches_no_pod_and_is_made_again(cluster,
     assert after == before
     st = kube.get(RESOURCES["PretrainJob"], namespace, "stale")["status"]
     assert st["attempt"] == 1 and st["restarts"] == 1
+
+
+def test_ttl_deletes_the_finished_job_it_read_never_one_recreated_under_its_name(cluster, namespace):
+    """ttlSecondsAfterFinished expired on a job that has since been deleted and re-created with the same name
+    (GitOps does this): the reconcile that read the finished one deletes with its uid as a precondition, so
+    the new job survives; the finished one itself is deleted when its time comes."""
+    from datetime import timedelta
+
+    from kubeforge.controller.reconciler import utcnow
+
+    kube = Kube(cluster.api_client())
+    res = RESOURCES["PretrainJob"]
+    later = Reconciler(kube, OperatorSettings(), clock=lambda: utcnow() + timedelta(hours=2))
+
+    def settled_finished_job(name: str) -> dict:
+        """Succeeded an hour of TTL ago, reconciled once (its status settled: a reconcile writes nothing)."""
+        kube.create(pretrain_job(name, namespace, resources=UNSCHEDULABLE, runPolicy={"ttlSecondsAfterFinished": 3600}))
+        done = utcnow().strftime("%Y-%m-%dT%H:%M:%SZ")
+        kube.merge_patch(res, namespace, name, {"status": {"phase": "Succeeded", "completionTime": done}},
+                         subresource="status")
+        now = Reconciler(kube, OperatorSettings())
+        now.reconcile("PretrainJob", namespace, name)
+        obj = kube.get(res, namespace, name)
+        now.reconcile("PretrainJob", namespace, name)
+        assert kube.get(res, namespace, name)["metadata"]["resourceVersion"] == obj["metadata"]["resourceVersion"]
+        return obj
+
+    old = settled_finished_job("ttl")
+    assert old["status"]["phase"] == "Succeeded"
+    kube.delete(res, namespace, "ttl")
+    assert _poll(lambda: kube.get(res, namespace, "ttl") is None)
+    kube.create(pretrain_job("ttl", namespace, resources=UNSCHEDULABLE))
+    new_uid = kube.get(res, namespace, "ttl")["metadata"]["uid"]
+    assert new_uid != old["metadata"]["uid"]
+
+    stale = ReadsStaleOnce(cluster.api_client(), old)
+    Reconciler(stale, OperatorSettings(), clock=later.clock).reconcile("PretrainJob", namespace, "ttl")
+    assert stale.deleted == ["ttl"]  # it decided to delete the finished job it read ...
+    survivor = kube.get(res, namespace, "ttl")
+    assert survivor is not None and survivor["metadata"]["uid"] == new_uid  # ... and the new one is untouched
+
+    settled_finished_job("ttl-own")
+    later.reconcile("PretrainJob", namespace, "ttl-own")
+    assert _poll(lambda: kube.get(res, namespace, "ttl-own") is None)

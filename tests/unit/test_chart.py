@@ -197,6 +197,32 @@ def test_a_rule_the_operator_needs_going_missing_is_reported(chart):
     assert any("lacks ['list'] on deployments" in e for e in errors), errors
 
 
+def test_every_resource_kopf_watches_needs_list_and_watch_in_the_chart(chart):
+    """The required rules include every watch registered with kopf (its handlers and indices), so a new watch
+    cannot ship without its RBAC: the Kueue Workload watch here."""
+    assert {("kueue.x-k8s.io", "workloads"), ("", "pods")} <= helmcheck.watched_by_kopf()
+    helpers = chart / "templates" / "_helpers.tpl"
+    text = helpers.read_text()
+    granted = 'resources: ["workloads"]\n    verbs: ["get", "list", "watch", "create", "patch", "delete"]'
+    assert granted in text
+    helpers.write_text(text.replace(granted, 'resources: ["workloads"]\n    verbs: ["get", "create", "patch", "delete"]'))
+    errors = helmcheck.check_rbac(helmcheck.render(chart=chart), [])
+    assert "RBAC lacks ['list', 'watch'] on workloads (apiGroup 'kueue.x-k8s.io'); the operator uses them" in errors
+
+
+def test_the_reconcile_workers_and_api_concurrency_reach_the_operator():
+    env = {e["name"]: e.get("value") for e in operator_container(docs({"operator": {
+        "reconcileWorkers": 32, "apiConcurrency": 48}}))["env"]}
+    assert (env["KUBEFORGE_RECONCILE_WORKERS"], env["KUBEFORGE_API_CONCURRENCY"]) == ("32", "48")
+    from kubeforge.settings import OperatorSettings
+
+    defaults = {e["name"]: e.get("value") for e in operator_container(docs({}))["env"]}
+    settings = OperatorSettings(reconcile_workers=int(defaults["KUBEFORGE_RECONCILE_WORKERS"]),
+                                api_concurrency=int(defaults["KUBEFORGE_API_CONCURRENCY"]))
+    assert (settings.reconcile_workers, settings.api_concurrency) == (
+        OperatorSettings.model_fields["reconcile_workers"].default, OperatorSettings.model_fields["api_concurrency"].default)
+
+
 def test_a_values_error_is_reported_by_helm(chart):
     values = yaml.safe_load((chart / "values.yaml").read_text())
     values["webhook"]["failurePolicy"] = "Sometimes"

@@ -149,15 +149,20 @@ class Kube:
                 return False
             raise
 
-    def delete(self, res: Resource, namespace: str | None, name: str, grace_seconds: int | None = None) -> bool:
+    def delete(self, res: Resource, namespace: str | None, name: str, grace_seconds: int | None = None,
+               uid: str | None = None) -> bool:
+        """Delete by name; with `uid`, only that very object (a precondition: an object of the same name
+        created since is left alone). False when there was nothing (of that uid) to delete."""
         body: dict[str, Any] = {"propagationPolicy": "Background"}
         if grace_seconds is not None:
             body["gracePeriodSeconds"] = grace_seconds
+        if uid is not None:
+            body["preconditions"] = {"uid": uid}
         try:
             self.echoes.expect(res.plural, self._call("DELETE", res.path(namespace, name), body=body))
             return True
         except ApiException as e:
-            if e.status == 404:
+            if e.status == 404 or (e.status == 409 and uid is not None):  # 409: the uid precondition failed
                 return False
             raise
 

@@ -386,8 +386,8 @@ class Reconciler:
         if not pods_change:
             self.write_status(obj, result.status)
         self.post_events(obj, result.events)
-        if result.delete_job:
-            self.kube.delete(RESOURCES[obj["kind"]], ns, name)
+        if result.delete_job:  # ttlSecondsAfterFinished: this object, never one re-created under its name since
+            self.kube.delete(RESOURCES[obj["kind"]], ns, name, uid=obj["metadata"]["uid"])
 
     def apply_child(self, manifest: dict[str, Any]) -> None:
         if self.kube.create(manifest):
