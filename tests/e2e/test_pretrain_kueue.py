@@ -192,5 +192,5 @@ def test_workload_version_follows_what_the_cluster_serves(kueue: str, cluster: C
     from kubeforge.controller import kueue as kq
 
     kube = Jobs(cluster, "default").kube
-    served = [v for v in kq.VERSIONS if kube.served(kq.GROUP, v)]
+    served = [v for v in kq.VERSIONS if kube.serves(Resource(kq.GROUP, v, "workloads"), "default")]
     assert served[0] == "v1beta2" and "v1beta1" in served

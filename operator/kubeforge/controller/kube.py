@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 FIELD_MANAGER = "kubeforge"
 DEFAULT_TIMEOUT = (10.0, 60.0)  # connect, read
+SERVED_TTL_S, UNSERVED_TTL_S = 600.0, 30.0  # how long Kube.serves remembers a yes, a no
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ class Kube:
         self.api_client = api_client or client.ApiClient()
         self.timeout = timeout  # (connect, read) seconds: a stuck server fails the call, never the operator
         self.echoes = echoes if echoes is not None else Echoes()  # versions our writes produced (echoes.py)
-        self._served: dict[str, bool] = {}
+        self._served: dict[tuple[str, str, str], tuple[bool, float]] = {}
 
     # --- raw -------------------------------------------------------------------------------------------
     def _call(self, method: str, path: str, body: Any = None, query: list[tuple[str, Any]] | None = None,
@@ -179,17 +181,45 @@ class Kube:
         return out  # type: ignore[no-any-return]
 
     def served(self, group: str, version: str) -> bool:
-        """Whether the cluster serves group/version (cached; Kueue may serve v1beta1, v1beta2 or both)."""
-        key = f"{group}/{version}"
-        if key not in self._served:
-            try:
-                self._call("GET", f"/apis/{group}/{version}")
-                self._served[key] = True
-            except ApiException as e:
-                if e.status != 404:
-                    raise
-                self._served[key] = False
-        return self._served[key]
+        """Whether the cluster's discovery lists group/version (built-in APIs such as policy/v1; for a CRD's
+        version, which discovery may list late, use `serves`). Remembered like `serves`."""
+        key = (group, version, "")
+        now = time.monotonic()
+        known = self._served.get(key)
+        if known is not None and known[1] > now:
+            return known[0]
+        try:
+            self._call("GET", f"/apis/{group}/{version}")
+            ok = True
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            ok = False
+        self._served[key] = (ok, now + (SERVED_TTL_S if ok else UNSERVED_TTL_S))
+        return ok
+
+    def serves(self, res: Resource, namespace: str | None) -> bool:
+        """Whether the API server serves `res` at its version (Kueue may serve v1beta1, v1beta2 or both).
+
+        Asked with a LIST of at most one object, which the API server answers from the CRD itself (404 when
+        the version is not served), not with the group-version discovery document: that one is rebuilt
+        asynchronously after a CRD is installed or changed, and can lack a version for a while that is
+        already served. A yes is remembered for SERVED_TTL_S, a no only for UNSERVED_TTL_S (Kueue installed
+        after the operator, or upgraded)."""
+        key = (res.group, res.version, res.plural)
+        now = time.monotonic()
+        known = self._served.get(key)
+        if known is not None and known[1] > now:
+            return known[0]
+        try:
+            self._call("GET", res.path(namespace), query=[("limit", 1)], verb="list")
+            ok = True
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            ok = False
+        self._served[key] = (ok, now + (SERVED_TTL_S if ok else UNSERVED_TTL_S))
+        return ok
 
     def post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
         meta = obj["metadata"]

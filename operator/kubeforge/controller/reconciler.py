@@ -283,7 +283,8 @@ class Reconciler:
         version = "v1beta2"
         queue, priority, priority_error = self.kueue_queue_and_priority(obj, spec)
         if queue or spec.scheduling.gang == "kueue":
-            version = next((v for v in kueue.VERSIONS if self.kube.served(kueue.GROUP, v)), "v1beta2")
+            # Kueue missing: the newest version, so that the Workload's create says what is wrong
+            version = self.kueue_version(ns) or kueue.VERSIONS[0]
             wl_res = Resource(kueue.GROUP, version, "workloads")
             observed.workload = self.kube.get(wl_res, ns, kueue.workload_name(obj))
             adm = kueue.admission(observed.workload)
@@ -320,18 +321,19 @@ class Reconciler:
         ns = obj["metadata"]["namespace"]
         labels = obj["metadata"].get("labels") or {}
         default_exists = False
-        if not sched.queue_name and not labels.get(kueue.QUEUE_LABEL) and sched.gang in (None, "kueue") \
-                and self.kube.served(kueue.GROUP, "v1beta2"):
-            lq = Resource(kueue.GROUP, "v1beta2", "localqueues")
-            default_exists = self.kube.get(lq, ns, kueue.DEFAULT_LOCAL_QUEUE) is not None
+        if not sched.queue_name and not labels.get(kueue.QUEUE_LABEL) and sched.gang in (None, "kueue"):
+            version = self.kueue_version(ns)
+            if version is not None:
+                lq = Resource(kueue.GROUP, version, "localqueues")
+                default_exists = self.kube.get(lq, ns, kueue.DEFAULT_LOCAL_QUEUE) is not None
         queue = kueue.queue_name_for(obj, sched.queue_name, sched.gang, default_exists)
         if not queue and sched.gang != "kueue":
             return None, None, None
         wpc = labels.get(kueue.PRIORITY_CLASS_LABEL)
         pc = spec.resources.priority_class_name
         if wpc:
-            res = Resource(kueue.GROUP, next((v for v in kueue.VERSIONS if self.kube.served(kueue.GROUP, v)),
-                                             "v1beta2"), "workloadpriorityclasses", namespaced=False)
+            res = Resource(kueue.GROUP, self.kueue_version(ns) or kueue.VERSIONS[0], "workloadpriorityclasses",
+                           namespaced=False)
             cls, kind, name = self.kube.get(res, None, wpc), "WorkloadPriorityClass", wpc
         elif pc:
             res = Resource("scheduling.k8s.io", "v1", "priorityclasses", namespaced=False)
@@ -342,6 +344,12 @@ class Reconciler:
             return queue, None, f"{kind} {name!r} does not exist; create it, or name another one"
         value = sched.priority if sched.priority is not None else int(cls.get("value", 0))
         return queue, kueue.WorkloadPriority(value, kind, name), None
+
+    def kueue_version(self, namespace: str) -> str | None:
+        """The newest Kueue API version the cluster serves (Workloads, as the operator reads them in the
+        job's namespace); None when Kueue is not installed."""
+        return next((v for v in kueue.VERSIONS if self.kube.serves(Resource(kueue.GROUP, v, "workloads"), namespace)),
+                    None)
 
     def apply(self, obj: dict[str, Any], result: Plan, observed: Observed) -> None:
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
@@ -362,10 +370,16 @@ class Reconciler:
                 self.kube.merge_patch(res, ns, observed.workload["metadata"]["name"], result.workload_status_patch,
                                       subresource="status")
             except ApiException as e:
-                if e.status != 409:
+                if e.status in (400, 422):
+                    # refused by Kueue's own rules: say so, and let the job go on (the admission is Kueue's)
+                    msg = f"Kueue refused kubeforge's update of the Workload's status: {kube_error_message(e)}"
+                    log.warning("%s/%s: %s", ns, name, msg)
+                    result.events.append(Event("Warning", "WorkloadStatusRefused", msg))
+                    result.requeue_after = min(result.requeue_after or 60.0, 60.0)
+                elif e.status != 409:
                     raise
-                # Kueue wrote the Workload since we read it: decide again from what it wrote.
-                result.requeue_after = min(result.requeue_after or 1.0, 1.0)
+                else:  # Kueue wrote the Workload since we read it: decide again from what it wrote
+                    result.requeue_after = min(result.requeue_after or 1.0, 1.0)
         # The status first when pods are created or deleted, on the condition that the object is still the
         # version the plan was made from: a plan made from a stale read (an operator restarted while its
         # predecessor's last write was in flight, a user's change) stops here with a 409 and is made again,
