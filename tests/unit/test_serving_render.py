@@ -845,15 +845,21 @@ class FakeKube:
         self.calls.append(("patch" + (f"/{subresource}" if subresource else ""), key[0], name))
         return copy.deepcopy(self.store[key])
 
-    def delete(self, res, ns, name, grace_seconds=None):
+    def delete(self, res, ns, name, grace_seconds=None, uid=None):
         self.calls.append(("delete", self._kind(res), name))
-        return self.store.pop((self._kind(res), ns, name), None) is not None
+        key = (self._kind(res), ns, name)
+        if uid is not None and key in self.store and self.store[key]["metadata"].get("uid") != uid:
+            return False
+        return self.store.pop(key, None) is not None
 
     def post_event(self, obj, type_, reason, message):
         self.events.append((type_, reason))
 
     def served(self, group, version):
         return (group, version) == ("policy", "v1")
+
+    def serves(self, res, ns):  # no Kueue here
+        return False
 
 
 def test_reconcile_creates_then_converges_then_rolls():

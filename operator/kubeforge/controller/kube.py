@@ -182,21 +182,8 @@ class Kube:
 
     def served(self, group: str, version: str) -> bool:
         """Whether the cluster's discovery lists group/version (built-in APIs such as policy/v1; for a CRD's
-        version, which discovery may list late, use `serves`). Remembered like `serves`."""
-        key = (group, version, "")
-        now = time.monotonic()
-        known = self._served.get(key)
-        if known is not None and known[1] > now:
-            return known[0]
-        try:
-            self._call("GET", f"/apis/{group}/{version}")
-            ok = True
-        except ApiException as e:
-            if e.status != 404:
-                raise
-            ok = False
-        self._served[key] = (ok, now + (SERVED_TTL_S if ok else UNSERVED_TTL_S))
-        return ok
+        version, which discovery may list late, use `serves`)."""
+        return self._answer((group, version, ""), lambda: self._call("GET", f"/apis/{group}/{version}"))
 
     def serves(self, res: Resource, namespace: str | None) -> bool:
         """Whether the API server serves `res` at its version (Kueue may serve v1beta1, v1beta2 or both).
@@ -204,15 +191,19 @@ class Kube:
         Asked with a LIST of at most one object, which the API server answers from the CRD itself (404 when
         the version is not served), not with the group-version discovery document: that one is rebuilt
         asynchronously after a CRD is installed or changed, and can lack a version for a while that is
-        already served. A yes is remembered for SERVED_TTL_S, a no only for UNSERVED_TTL_S (Kueue installed
-        after the operator, or upgraded)."""
-        key = (res.group, res.version, res.plural)
+        already served."""
+        return self._answer((res.group, res.version, res.plural),
+                            lambda: self._call("GET", res.path(namespace), query=[("limit", 1)], verb="list"))
+
+    def _answer(self, key: tuple[str, str, str], probe: Any) -> bool:
+        """`probe()` succeeding (True) or answering 404 (False), remembered: a yes for SERVED_TTL_S, a no only
+        for UNSERVED_TTL_S (Kueue installed after the operator, or upgraded, is found without a restart)."""
         now = time.monotonic()
         known = self._served.get(key)
         if known is not None and known[1] > now:
             return known[0]
         try:
-            self._call("GET", res.path(namespace), query=[("limit", 1)], verb="list")
+            probe()
             ok = True
         except ApiException as e:
             if e.status != 404:
