@@ -624,3 +624,31 @@ def test_node_health_reading():
     assert P.node_lost(healthy) is None and P.node_ready(healthy)
     assert P.on_suspect_node(on_node(pod(0), "n0", ready=False))
     assert not P.on_suspect_node(on_node(pod(0), "n0")) and not P.on_suspect_node(pod(0))
+
+
+def test_a_workload_status_update_kueue_refuses_is_an_event_and_the_job_goes_on():
+    """Kueue's own rules refusing kubeforge's update of the Workload's status (a 422) is said on the job as
+    a Warning event and retried a minute later; the reconcile does not fail (which would retry it forever
+    and never write the job's status)."""
+    from kubernetes.client.exceptions import ApiException
+    from test_serving_render import SETTINGS, FakeKube
+
+    from kubeforge.controller.kube import RESOURCES
+    from kubeforge.controller.reconciler import Reconciler
+
+    class RefusingKube(FakeKube):
+        def merge_patch(self, res, ns, name, patch, subresource=None):
+            if res.plural == "workloads":
+                raise ApiException(status=422, reason="Unprocessable Entity")
+            return super().merge_patch(res, ns, name, patch, subresource)
+
+    kube = RefusingKube(job())
+    stored = kube.get(RESOURCES["PretrainJob"], "ns1", "ptj")
+    workload = {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload",
+                "metadata": {"name": kueue.workload_name(stored), "namespace": "ns1"}}
+    result = plan(ctx(stored), Observed(workload=workload), T0)
+    result.workload, result.workload_status_patch = None, {"status": {"conditions": []}}
+    Reconciler(kube, SETTINGS, clock=lambda: T0).apply(stored, result, Observed(workload=workload))  # type: ignore[arg-type]
+    assert ("Warning", "WorkloadStatusRefused") in kube.events
+    assert result.requeue_after is not None and result.requeue_after <= 60
+    assert ("patch/status", "PretrainJob", "ptj") in kube.calls  # the job's own status is still written
