@@ -147,3 +147,15 @@ def test_disaggregated_rollout_pool_gets_the_weights_and_finishes_with_the_learn
     assert roles == ["rollout", "rollout", "worker"]
     assert all(p["status"]["phase"] == "Succeeded" for p in jobs.pods(name))
     assert st["rl"]["engineVersions"] == [8, 8] and st["rl"]["droppedStale"] == 0
+    # the engines admit only this job's pods (the API server stored the policy as rendered; the dev cluster's
+    # network enforces no NetworkPolicy, so this checks what a cluster whose plugin does gets)
+    from kubeforge.controller.kube import RESOURCES
+
+    policy = jobs.kube.get(RESOURCES["NetworkPolicy"], jobs.ns, f"{name}-rollout")
+    assert policy is not None, "the rollout engines' NetworkPolicy"
+    selected = policy["spec"]["podSelector"]["matchLabels"]
+    admitted = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    for p in jobs.pods(name):
+        labels = p["metadata"]["labels"]
+        assert (selected.items() <= labels.items()) == (labels["kubeforge.dev/role"] == "rollout")
+        assert admitted.items() <= labels.items()

@@ -109,6 +109,24 @@ def test_disaggregated_job_adds_a_rollout_pool_to_the_gang() -> None:
         assert c["image"] == builder.default_image and c["securityContext"]["allowPrivilegeEscalation"] is False
     assert engine["spec"]["securityContext"]["runAsNonRoot"] is True
 
+    # only the job's own pods reach the engines (their weight endpoints replace the policy being trained)
+    (policy,) = [c for c in result.create if c["kind"] == "NetworkPolicy"]
+    selects = policy["spec"]["podSelector"]["matchLabels"]
+    allowed = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"] and len(policy["spec"]["ingress"]) == 1
+    for name, p in pods.items():
+        labels = p["metadata"]["labels"]
+        assert (selects.items() <= labels.items()) == name.startswith("rl-rollout-")
+        assert allowed.items() <= labels.items()  # learners and engines of this job
+    assert not allowed.items() <= {**pods["rl-worker-0"]["metadata"]["labels"],
+                                   "kubeforge.dev/job-name": "another-job"}.items()  # another job's pods
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == obj["metadata"]["uid"]
+    colocated = rl_job()
+    cspec = parse_spec(colocated)
+    cgang = RLGang(rl_spec=cspec, obj=colocated, resources=cspec.resources, scheduling=cspec.scheduling,
+                   module=RUNTIME_MODULE, resolved_spec=cspec.to_wire(), secret_name="kubeforge-s3", s3_endpoint=None)
+    assert not [c for c in cgang.support_children("builtin") if c["kind"] == "NetworkPolicy"]
+
 
 def _vllm_rollout_job(**rollout) -> dict:
     from test_workload_pods import _stored
