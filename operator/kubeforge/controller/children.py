@@ -44,8 +44,30 @@ def job_labels(obj: dict[str, Any], role: str | None = None) -> dict[str, str]:
     return labels
 
 
+def selector_labels(obj: dict[str, Any], role: str | None = None) -> dict[str, str]:
+    """The labels that select this object's children (of a role): job_labels without managed-by."""
+    return {k: v for k, v in job_labels(obj, role).items() if k != "app.kubernetes.io/managed-by"}
+
+
 def selector(obj: dict[str, Any], role: str | None = None) -> str:
-    return ",".join(f"{k}={v}" for k, v in job_labels(obj, role).items() if k != "app.kubernetes.io/managed-by")
+    return ",".join(f"{k}={v}" for k, v in selector_labels(obj, role).items())
+
+
+def own_pods_only_policy(obj: dict[str, Any], name: str, role: str | None,
+                         pod_selector: dict[str, Any]) -> dict[str, Any]:
+    """A NetworkPolicy: the pods `pod_selector` selects take connections (any port) only from this object's
+    own pods. Policies add up (a cluster that scrapes /metrics adds one allowing the scraper); kubelet probes
+    from the node are always allowed; enforced by network plugins that implement NetworkPolicy."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(obj, name, role),
+        "spec": {
+            "podSelector": pod_selector,
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": selector_labels(obj)}}]}],
+        },
+    }
 
 
 def metadata(obj: dict[str, Any], name: str, role: str | None = None, **labels: str) -> dict[str, Any]:
@@ -67,7 +89,7 @@ def headless_service(obj: dict[str, Any], role: str, port: int, port_name: str) 
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
-            "selector": {k: v for k, v in job_labels(obj, role).items() if k != "app.kubernetes.io/managed-by"},
+            "selector": selector_labels(obj, role),
             "ports": [{"name": port_name, "port": port, "targetPort": port}],
         },
     }

@@ -19,11 +19,12 @@ from .children import (
     child_name,
     downward_env,
     headless_service,
-    job_labels,
     metadata,
+    own_pods_only_policy,
     placement,
     resources_block,
     s3_env,
+    selector_labels,
 )
 from .kube import RESOURCES
 from .podsecurity import harden
@@ -147,20 +148,9 @@ class RLGang(TorchrunGang):
         """The rollout engines take connections only from this job's own pods. Their weight endpoints
         (PUT /kubeforge/v1/weights on the reference engine; vLLM's /collective_rpc, which VLLM_SERVER_DEV_MODE
         opens and vLLM's --api-key does not cover) would otherwise let anything in the cluster that reaches
-        a pod replace the policy being trained. Enforced by any CNI that implements NetworkPolicy; kubelet
-        probes from the node are always allowed; a cluster that scrapes engine /metrics adds its own policy
-        allowing the scraper (policies add up)."""
-        own = {k: v for k, v in job_labels(self.obj).items() if k != "app.kubernetes.io/managed-by"}
-        return {
-            "apiVersion": "networking.k8s.io/v1",
-            "kind": "NetworkPolicy",
-            "metadata": metadata(self.obj, f"{self.name}-{ROLLOUT_ROLE}", ROLLOUT_ROLE),
-            "spec": {
-                "podSelector": {"matchLabels": {**own, contract.LABEL_ROLE: ROLLOUT_ROLE}},
-                "policyTypes": ["Ingress"],
-                "ingress": [{"from": [{"podSelector": {"matchLabels": own}}]}],
-            },
-        }
+        a pod replace the policy being trained."""
+        return own_pods_only_policy(self.obj, f"{self.name}-{ROLLOUT_ROLE}", ROLLOUT_ROLE,
+                                    {"matchLabels": selector_labels(self.obj, ROLLOUT_ROLE)})
 
     def pod(self, rank: int, attempt: int, extra: dict[str, Any], gang_backend: gang.Backend) -> dict[str, Any]:
         if rank >= self.learners():

@@ -66,10 +66,12 @@ from .children import (
     downward_env,
     job_labels,
     metadata,
+    own_pods_only_policy,
     placement,
     resources_block,
     s3_env,
     selector,
+    selector_labels,
 )
 from .conditions import find, parse_time, rfc3339, set_kstatus
 from .kube import RESOURCES, resource_for
@@ -158,10 +160,6 @@ def tokenizer_source(spec: InferenceDeploymentSpec) -> str | None:
 
 def endpoint(obj: dict[str, Any], spec: InferenceDeploymentSpec) -> str:
     return f"http://{service_name(obj)}.{obj['metadata']['namespace']}.svc:{spec.port}/v1"
-
-
-def pod_selector_labels(obj: dict[str, Any], pool: str) -> dict[str, str]:
-    return {k: v for k, v in job_labels(obj, pool).items() if k != "app.kubernetes.io/managed-by"}
 
 
 def spec_replicas(spec: InferenceDeploymentSpec, pool: str) -> int:
@@ -374,7 +372,7 @@ def _deployment(obj: dict[str, Any], name: str, pool: str, pod_spec: dict[str, A
                 progress_deadline_s: int = 600) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "replicas": replicas,
-        "selector": {"matchLabels": pod_selector_labels(obj, pool)},
+        "selector": {"matchLabels": selector_labels(obj, pool)},
         # a new pod is Ready before an old one is stopped: the endpoint never drops during a rollout
         "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
         "progressDeadlineSeconds": progress_deadline_s,
@@ -401,7 +399,7 @@ def service(obj: dict[str, Any], spec: InferenceDeploymentSpec, to_router: bool 
         "metadata": metadata(obj, service_name(obj)),
         "spec": {
             "type": "ClusterIP",
-            "selector": pod_selector_labels(obj, target),
+            "selector": selector_labels(obj, target),
             "ports": [{"name": "http", "port": spec.port, "targetPort": spec.port, "protocol": "TCP"}],
         },
     }
@@ -414,28 +412,17 @@ def disruption_budget(obj: dict[str, Any], pool: str, api_version: str) -> dict[
         "apiVersion": api_version,
         "kind": "PodDisruptionBudget",
         "metadata": metadata(obj, deployment_name(obj, pool), pool),
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": pod_selector_labels(obj, pool)}},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(obj, pool)}},
     }
 
 
 def network_policy(obj: dict[str, Any]) -> dict[str, Any]:
     """Disaggregated engines take connections (any port: HTTP, /kv/*, vLLM's KV side channel) only from the
-    deployment's own pods. Policies add up: a cluster that scrapes engine /metrics adds its own policy
-    allowing the scraper. Kubelet probes from the node are always allowed by NetworkPolicy semantics."""
-    own = pod_selector_labels(obj, None)
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": metadata(obj, network_policy_name(obj)),
-        "spec": {
-            "podSelector": {
-                "matchLabels": own,
-                "matchExpressions": [{"key": contract.LABEL_ROLE, "operator": "In", "values": [PREFILL, DECODE]}],
-            },
-            "policyTypes": ["Ingress"],
-            "ingress": [{"from": [{"podSelector": {"matchLabels": own}}]}],
-        },
-    }
+    deployment's own pods."""
+    return own_pods_only_policy(obj, network_policy_name(obj), None, {
+        "matchLabels": selector_labels(obj),
+        "matchExpressions": [{"key": contract.LABEL_ROLE, "operator": "In", "values": [PREFILL, DECODE]}],
+    })
 
 
 def router_rbac(obj: dict[str, Any]) -> list[dict[str, Any]]:
