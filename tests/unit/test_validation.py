@@ -155,7 +155,9 @@ INVALID: list[tuple[str, dict, dict | None, list[str]]] = [
     ("vllm rollout on cpu", with_(RLJ, "spec.rollout.engine", "vllm"), None,
      ["spec.rollout.engine: vllm needs GPUs (spec.resources requests no nvidia.com/gpu); use reference on CPU"]),
     ("nccl sync with reference", with_(RLJ, "spec.weightSync.method", "nccl"), None,
-     ["spec.weightSync.method: nccl needs the vllm engine; use http or checkpoint with reference"]),
+     ["spec.weightSync.method: nccl needs the vllm engine; use http with reference"]),
+    ("weight sync through the store", with_(RLJ, "spec.weightSync.method", "checkpoint"), None,
+     ["spec.weightSync.method: must be one of 'nccl' or 'http' (got 'checkpoint')"]),
     ("vllm rollouts over http", with_(with_(RLJ, "spec.rollout", {
         "engine": "vllm", "placement": "disaggregated", "resources": {"limits": {"nvidia.com/gpu": 1}}}),
         "spec.weightSync.method", "http"), None,

@@ -283,8 +283,9 @@ class WeightSyncSpec(ApiModel):
 
     interval_steps: int = Field(default=1, ge=1)
     """Push weights to the engines every this many learner steps."""
-    method: Literal["nccl", "http", "checkpoint"] = "nccl"
-    """nccl broadcast (GPU), http (CPU/reference), or via the checkpoint store."""
+    method: Literal["nccl", "http"] = "nccl"
+    """nccl: a broadcast from the learner to vLLM engines (GPU); http: the reference engines take the weights
+    over their own endpoint (CPU)."""
     max_lag: int | None = Field(default=None, ge=0, le=1024)
     """How many policy versions a completion may lag the learner by; older ones are dropped (counted in
     status.rl.droppedStale). Defaults to intervalSteps - 1, the lag the sync interval itself causes."""

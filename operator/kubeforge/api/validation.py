@@ -316,7 +316,7 @@ def _check_rl(errors: Errors, spec: RLJobSpec) -> None:
         if gpus(gpu_holder) < 1:
             errors.add("spec.rollout.engine", f"vllm needs GPUs ({where} requests no {GPU}); use reference on CPU")
     if spec.weight_sync.method == "nccl" and ro.engine == "reference":
-        errors.add("spec.weightSync.method", "nccl needs the vllm engine; use http or checkpoint with reference")
+        errors.add("spec.weightSync.method", "nccl needs the vllm engine; use http with reference")
     if ro.engine == "vllm" and ro.placement == "disaggregated" and spec.weight_sync.method != "nccl":
         errors.add("spec.weightSync.method", "disaggregated vllm engines take weights over nccl only")
     _check_pod_resources(errors, "spec.rollout.resources", ro.resources)

@@ -74,9 +74,6 @@ def check_spec(spec: RLJobSpec, world_size: int) -> None:
     if spec.rollout.placement == "disaggregated" and not os.environ.get(ROLLOUT_URLS_ENV):
         raise InvalidSpec(f"rollout.placement disaggregated needs the rollout engines' URLs in {ROLLOUT_URLS_ENV} "
                           "(the operator sets it on the learner pods)", "spec.rollout.placement")
-    if spec.rollout.placement == "disaggregated" and spec.weight_sync.method == "checkpoint":
-        raise InvalidSpec("this runtime pushes weights over http (reference engines) or nccl (vLLM engines), "
-                          "not through the checkpoint store", "spec.weightSync.method")
 
 
 # ---------------------------------------------------------------------------------------------- prompts
