@@ -23,10 +23,14 @@ def _operator(argv: list[str]) -> int:
 
     import kopf
 
-    from kubeforge.controller import handlers  # noqa: F401  (registers the handlers)
+    from kubeforge.controller import (
+        handlers,  # noqa: F401  (registers the handlers)
+        memory,
+    )
     from kubeforge.settings import OperatorSettings
 
     settings = OperatorSettings()
+    memory.limit_arenas(settings.malloc_arenas)  # before kopf starts a thread
     namespaces = args.namespace or settings.namespaces
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -56,3 +56,8 @@ class OperatorSettings(BaseSettings):
     """Cap of the exponential backoff between gang restarts."""
     autoscale_interval_seconds: float = 10.0
     """How often serving pools' signals are read from the routers."""
+    malloc_arenas: int = Field(default=2, ge=0)
+    """glibc malloc arenas of the operator process (0: glibc's default, up to 8 per core): each thread's own
+    arena keeps the peak of the last burst resident."""
+    memory_trim_seconds: float = Field(default=30.0, ge=0)
+    """How often freed memory is given back to the system (malloc_trim); 0: never."""

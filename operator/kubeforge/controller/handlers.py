@@ -33,7 +33,7 @@ from kubeforge.api.registry import KINDS
 from kubeforge.api.validation import validate
 from kubeforge.settings import OperatorSettings
 
-from . import kueue, metrics
+from . import kueue, memory, metrics
 from .kube import Kube
 from .reconciler import Reconciler
 from .requeue import Requeue
@@ -266,13 +266,15 @@ async def start_resync(memo: kopf.Memo, **kwargs: Any) -> None:
     if SETTINGS.metrics_port:
         metrics.serve(SETTINGS.metrics_port, lambda: index_entries(indices))
     memo["resync"] = asyncio.create_task(resync_loop(indices, SETTINGS.resync_seconds), name="kubeforge-resync")
+    if SETTINGS.memory_trim_seconds > 0:
+        memo["trim"] = asyncio.create_task(memory.trim_loop(SETTINGS.memory_trim_seconds), name="kubeforge-trim")
 
 
 @kopf.on.cleanup(id="stop-resync")
 async def stop_resync(memo: kopf.Memo, **_: Any) -> None:
-    task = memo.get("resync")
-    if task is not None:
-        task.cancel()
+    for task in (memo.get("resync"), memo.get("trim")):
+        if task is not None:
+            task.cancel()
 
 
 @kopf.on.event("", "v1", "pods", labels={contract.LABEL_JOB_KIND: kopf.PRESENT, contract.LABEL_JOB_NAME: kopf.PRESENT})
