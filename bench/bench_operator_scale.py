@@ -10,7 +10,8 @@ Prints, for each N (default 50, 200, 500):
 - reconciles per second while the gangs were created, from kubeforge_reconcile_total;
 - status writes per second once the jobs settled (the operator's queue idle for 3 s, then a 20 s window;
   nothing changes on a Pending pod, so a no-op reconcile must write nothing);
-- the operator's resident memory (VmRSS) once every pod exists;
+- the operator's resident memory (VmRSS) once every pod exists, and again once the jobs settled (every pod
+  still there; the operator gives freed memory back every KUBEFORGE_MEMORY_TRIM_SECONDS);
 - CPU (cores busy) of the API server, etcd, controller-manager and operator during each phase: on a small
   machine this shows which one is the ceiling.
 
@@ -278,6 +279,7 @@ def one_size(cluster: testing.ClusterHandle, dc: DevCluster, n: int, threads: in
                          lambda k: k[1] == "pretrainjobs" and k[2] == "status" and k[0] in ("PATCH", "UPDATE")
                          ) / (time.monotonic() - settle0)
     settled_reconciles = reconciles(metrics_port) - reconciles_settled0
+    rss_settled = rss_mib(op_pid)
     op_after = operator_metrics(metrics_port)
     by_call = prometheus(op_after, "kubeforge_api_requests_total", ("verb", "resource"))
     by_call_before = prometheus(op_before, "kubeforge_api_requests_total", ("verb", "resource"))
@@ -298,6 +300,7 @@ def one_size(cluster: testing.ClusterHandle, dc: DevCluster, n: int, threads: in
         "pods_per_s": pods_rate, "ratio_to_raw": pods_rate / raw_rate[0],
         "api_requests_per_job": sum(calls.values()) / n, "reconciles_per_s": reconcile_rate,
         "status_writes_per_s_settled": writes_per_s, "operator_rss_mib": rss,
+        "operator_rss_settled_mib": rss_settled,
     }
 
 
@@ -340,13 +343,14 @@ def main() -> int:
                                         "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             rows = [one_size(cluster, dc, n, a.threads, raw, op_pid, metrics_port, cpu, a.detail) for n in sizes]
             print(f"{'jobs':>5} {'pods':>5} {'apply s':>8} {'all pods s':>10} {'p50 s':>7} {'p99 s':>7} "
-                  f"{'pods/s':>7} {'vs raw':>6} {'API/job':>8} {'rec/s':>6} {'writes/s':>8} {'RSS MiB':>8}")
+                  f"{'pods/s':>7} {'vs raw':>6} {'API/job':>8} {'rec/s':>6} {'writes/s':>8} {'RSS MiB':>8} {'settled':>8}")
             for r in rows:
                 n = int(r["jobs"])
                 print(f"{n:>5} {n * PODS_PER_JOB:>5} {r['apply_s']:>8.1f} {r['all_pods_s']:>10.1f} "
                       f"{r['p50_s']:>7.1f} {r['p99_s']:>7.1f} {r['pods_per_s']:>7.1f} {r['ratio_to_raw']:>6.0%} "
                       f"{r['api_requests_per_job']:>8.1f} {r['reconciles_per_s']:>6.1f} "
-                      f"{r['status_writes_per_s_settled']:>8.2f} {r['operator_rss_mib']:>8.0f}", flush=True)
+                      f"{r['status_writes_per_s_settled']:>8.2f} {r['operator_rss_mib']:>8.0f} "
+                  f"{r['operator_rss_settled_mib']:>8.0f}", flush=True)
             op.stop()
         finally:
             if spy is not None and spy.poll() is None:

@@ -61,6 +61,16 @@ def test_kopf_watches_only_kubeforge_pods() -> None:
     assert settings.networking.request_timeout and settings.networking.connect_timeout
 
 
+def test_kopf_lets_an_idle_object_worker_go_within_a_second() -> None:
+    """kopf's worker for an object holds its last event until idle_timeout passes without another; kopf's 5 s
+    kept every pod of a burst resident at once (bench_operator_scale: 162 MiB at 2,000 pods, 130 MiB at 0.5 s)."""
+    from kubeforge.controller.handlers import tune
+
+    settings = kopf.OperatorSettings()
+    tune(settings)
+    assert 0 < settings.queueing.idle_timeout <= 1
+
+
 
 
 class Calls:

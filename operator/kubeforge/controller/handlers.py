@@ -110,6 +110,10 @@ def tune(settings: kopf.OperatorSettings) -> None:
         prefix=GROUP, key="last-handled-configuration")
     settings.posting.level = logging.WARNING  # kubeforge posts its own, meaningful events
     settings.execution.max_workers = 16
+    # kopf keeps one worker per object, holding the object's last event, until no event came for idle_timeout
+    # (5 s): a burst of a few thousand pods kept them all resident at once. Every handler here is level-based
+    # and cheap to start again, so workers go after half a second.
+    settings.queueing.idle_timeout = 0.5
     settings.watching.server_timeout = 300
     settings.watching.label_selectors["", "v1", "pods"] = CHILD_POD_SELECTOR
     settings.watching.label_selectors[kueue.GROUP, "workloads"] = CHILD_POD_SELECTOR
