@@ -231,6 +231,37 @@ def test_a_crash_between_pod_deletion_and_status_write_keeps_the_failure(cluster
     assert st["restarts"] == 1 and st.get("preemptions", 0) == 0 and st["attempt"] == 1
 
 
+class RecordsPodDeletes(Kube):
+    """The real client, remembering the grace period of every pod delete it sent."""
+
+    def __init__(self, api_client) -> None:
+        super().__init__(api_client)
+        self.graces: dict[str, int | None] = {}
+
+    def delete(self, res, namespace, name, grace_seconds=None, uid=None) -> bool:
+        if res.plural == "pods":
+            self.graces[name] = grace_seconds
+        return super().delete(res, namespace, name, grace_seconds, uid)
+
+
+def test_the_survivors_of_a_failed_pod_are_deleted_with_a_short_grace(cluster, namespace):
+    """A gang that lost a member cannot save (the checkpoint is collective): its survivors get 30 s, not
+    runPolicy's 300 s, so the next gang is not held back for nothing."""
+    from kubeforge.controller.training import SURVIVOR_GRACE_S
+
+    kube = RecordsPodDeletes(cluster.api_client())
+    reconciler = Reconciler(kube, OperatorSettings())
+    kube.create(pretrain_job("lossy", namespace, resources=UNSCHEDULABLE))
+    _reconcile_until_created(reconciler, namespace, "lossy")
+    failed = {"phase": "Failed", "containerStatuses": [{
+        "name": "trainer", "ready": False, "restartCount": 0, "image": "x", "imageID": "",
+        "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": "gloo: connection reset"}}}]}
+    kube.merge_patch(RESOURCES["Pod"], namespace, "lossy-worker-1", {"status": failed}, subresource="status")
+    reconciler.reconcile("PretrainJob", namespace, "lossy")
+    assert kube.graces == {"lossy-worker-0": SURVIVOR_GRACE_S, "lossy-worker-1": SURVIVOR_GRACE_S}
+    assert kube.get(RESOURCES["PretrainJob"], namespace, "lossy")["status"]["restarts"] == 1
+
+
 def test_a_gang_half_refused_by_a_quota_is_completed_not_recreated(reconciler, namespace):
     """A ResourceQuota admits one of the two pods (403 for the second). The operator keeps the pod it has
     and creates the missing one once the quota allows, instead of deleting and re-creating the gang in a

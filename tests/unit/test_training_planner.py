@@ -13,7 +13,7 @@ from kubeforge.api.validation import parse_spec
 from kubeforge.controller import kueue
 from kubeforge.controller.conditions import rfc3339
 from kubeforge.controller.torchrun import TorchrunGang
-from kubeforge.controller.training import JobContext, Observed, Source, plan
+from kubeforge.controller.training import SURVIVOR_GRACE_S, JobContext, Observed, Source, plan
 
 T0 = datetime(2026, 11, 23, 12, 0, 0, tzinfo=timezone.utc)
 
@@ -150,6 +150,18 @@ def test_a_failed_pod_tears_down_the_whole_gang_with_backoff():
     assert p.status.backoff_until == rfc3339(T0 + timedelta(seconds=10)) and p.status.phase == "Restarting"
     assert p.events[0].type == "Warning" and p.events[0].reason == "PodFailed"
     assert "ptj-worker-1 failed with exit code 1: NCCL timeout" in p.events[0].message
+    # the survivor cannot save without its peer: a short grace, not runPolicy's 300 s
+    assert p.delete_grace_seconds == SURVIVOR_GRACE_S < 300
+    short = job(running_status(), runPolicy={"terminationGracePeriodSeconds": 10})
+    assert plan(ctx(short), Observed(pods=pods), T0).delete_grace_seconds == 10
+
+
+def test_a_gang_stopped_whole_keeps_its_pods_own_grace_to_save():
+    pods = [pod(0, "Failed", reason="Evicted"), pod(1)]
+    assert plan(ctx(job(running_status())), Observed(pods=pods), T0).delete_grace_seconds is None
+    suspended = job(running_status(), runPolicy={"suspend": True})
+    p = plan(ctx(suspended), Observed(pods=gang()), T0)
+    assert p.delete_pods and p.delete_grace_seconds is None
 
 
 def test_next_gang_waits_for_old_pods_and_backoff_then_uses_the_next_attempt():
@@ -573,6 +585,7 @@ def test_a_lost_node_restarts_the_gang_without_spending_the_budget_and_force_del
     assert p.events[0].reason == "NodeLost" and "node n1 was lost (node.kubernetes.io/unreachable" in p.events[0].message
     # the survivor is stopped gracefully (it writes nothing it could not), the lost one goes with no grace
     assert p.delete_pods == ["ptj-worker-0"] and p.force_delete_pods == ["ptj-worker-1"]
+    assert p.delete_grace_seconds == SURVIVOR_GRACE_S  # its checkpoint needed the lost rank
 
 
 def test_a_previous_gangs_pod_stuck_terminating_on_a_lost_node_is_force_deleted():

@@ -390,7 +390,9 @@ class Reconciler:
             m["kind"] == "Pod" for m in result.create)
         if pods_change:
             self.write_status(obj, result.status, verify=True)
-        self.in_parallel([lambda pod=pod: self.kube.delete(RESOURCES["Pod"], ns, pod) for pod in result.delete_pods])
+        self.in_parallel([lambda pod=pod: self.kube.delete(RESOURCES["Pod"], ns, pod,
+                                                           grace_seconds=result.delete_grace_seconds)
+                          for pod in result.delete_pods])
         # on a lost node: nobody would confirm a graceful delete
         self.in_parallel([lambda pod=pod: self.kube.delete(RESOURCES["Pod"], ns, pod, grace_seconds=0)
                           for pod in result.force_delete_pods])

@@ -39,6 +39,12 @@ TERMINAL = ("Succeeded", "Failed")
 # counting a failure: a dead node is taken for lost after the controller-manager's --node-monitor-grace-period
 # (50 s by default) plus its monitor period (5 s), and then it is an infrastructure failure, like a preemption.
 PEER_LOST_HOLD_S = 90
+# Grace of the survivors of a gang that lost a member (a failed pod, a lost node). Their checkpoint is a
+# collective save, which cannot complete without the member that is gone, so runPolicy's grace (300 s by
+# default, sized for a full save and upload) would only hold the next gang back: the survivors get this long
+# to write their last report and exit. A gang stopped whole (suspension, preemption, eviction) keeps the
+# pods' own grace and saves.
+SURVIVOR_GRACE_S = 30
 
 
 @dataclass
@@ -66,6 +72,7 @@ class Plan:
     create: list[dict[str, Any]] = field(default_factory=list)
     delete_pods: list[str] = field(default_factory=list)
     force_delete_pods: list[str] = field(default_factory=list)  # on a lost node: no kubelet confirms a delete
+    delete_grace_seconds: int | None = None  # for delete_pods; None: each pod's own grace period
     workload: dict[str, Any] | None = None
     workload_status_patch: dict[str, Any] | None = None
     events: list[Event] = field(default_factory=list)
@@ -180,6 +187,8 @@ class _Planner:
     def teardown(self, reason: str, message: str, *, failure: bool) -> None:
         """Stop the whole gang and move to the next attempt; failures spend the restart budget."""
         self.delete_all_pods()
+        if failure or reason == "NodeLost":
+            self.plan.delete_grace_seconds = min(SURVIVOR_GRACE_S, self.spec.run_policy.termination_grace_period_seconds)
         self.status.attempt += 1
         self.status.gang_created_at = None
         if failure:
