@@ -5,6 +5,7 @@ on objects (deletion never needs the operator), the resync over kopf indices, an
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -59,6 +60,38 @@ def test_kopf_watches_only_kubeforge_pods() -> None:
     selector = ",".join(settings.watching.label_selectors.collect(pods))
     assert contract.LABEL_JOB_KIND in selector and contract.LABEL_JOB_NAME in selector
     assert settings.networking.request_timeout and settings.networking.connect_timeout
+
+
+def test_the_reconcilers_connection_pool_survives_kopfs_login(tmp_path, monkeypatch) -> None:
+    """kopf's login loads the kubeconfig into the client's default configuration after the operator's startup
+    handlers ran: a pool size set on that default was lost, the reconciler got the client's 10 (5 per core)
+    and discarded a connection after most parallel calls (bench_operator_scale: 426 times for 200 jobs)."""
+    from kopf._core.intents.piggybacking import login_via_client
+    from kubernetes import config
+
+    from kubeforge.controller import handlers
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setattr(config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+    monkeypatch.setattr(handlers, "_reconciler", None)
+    default = client.Configuration.get_default_copy()
+    try:
+        settings = kopf.OperatorSettings()
+        handlers.configure(settings=settings)
+        login_via_client(logger=logging.getLogger("test"), settings=settings)  # what kopf runs next
+        kube = handlers.reconciler().kube
+        pool = kube.api_client.rest_client.pool_manager.connection_pool_kw["maxsize"]
+        assert pool == handlers.connection_pool_size(handlers.SETTINGS) >= (
+            handlers.SETTINGS.reconcile_workers + handlers.SETTINGS.api_concurrency + handlers.KOPF_EXECUTOR_WORKERS)
+        assert kube.api_client.configuration.host == "https://127.0.0.1:1"  # kopf's login, not a default
+    finally:
+        client.Configuration.set_default(default)
 
 
 def test_kopf_lets_an_idle_object_worker_go_within_a_second() -> None:

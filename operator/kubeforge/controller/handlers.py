@@ -42,6 +42,7 @@ from .webhook import self_signed_certificate
 log = logging.getLogger("kubeforge")
 
 SETTINGS = OperatorSettings()
+KOPF_EXECUTOR_WORKERS = 16  # threads kopf runs the sync handlers on
 POD_EVENTS_FOLD_S = 1.0  # pod events within this long of the first become one reconcile of their job
 _reconciler: Reconciler | None = None
 _requeue: Requeue | None = None
@@ -52,7 +53,7 @@ def reconciler() -> Reconciler:
     global _reconciler
     with _singletons:
         if _reconciler is None:
-            _reconciler = Reconciler(Kube(), SETTINGS)
+            _reconciler = Reconciler(Kube(api_client()), SETTINGS)
         return _reconciler
 
 
@@ -109,7 +110,7 @@ def tune(settings: kopf.OperatorSettings) -> None:
     settings.persistence.diffbase_storage = LevelBasedDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration")
     settings.posting.level = logging.WARNING  # kubeforge posts its own, meaningful events
-    settings.execution.max_workers = 16
+    settings.execution.max_workers = KOPF_EXECUTOR_WORKERS
     # kopf keeps one worker per object, holding the object's last event, until no event came for idle_timeout
     # (5 s): a burst of a few thousand pods kept them all resident at once. Every handler here is level-based
     # and cheap to start again, so workers go after half a second.
@@ -135,18 +136,24 @@ def tune(settings: kopf.OperatorSettings) -> None:
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     tune(settings)
-    # the Kubernetes client the reconciler uses: same config kopf logged in with
-    from kubernetes import client, config
 
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    # every reconcile worker and every parallel child create holds a connection: a smaller pool would close
-    # the extras after each call and pay a new TLS handshake for each
+
+def connection_pool_size(settings: OperatorSettings) -> int:
+    """Every reconcile worker, every parallel child call and every kopf executor thread (pod reports) may hold
+    a connection at once: a smaller pool closes the extras after each call, and each next one pays a TLS
+    handshake, on the API server too."""
+    return settings.reconcile_workers + settings.api_concurrency + KOPF_EXECUTOR_WORKERS + 4
+
+
+def api_client() -> Any:
+    """The reconciler's Kubernetes client: the configuration kopf logged in with (its login loads the in-cluster
+    or kubeconfig configuration into the client's default, so a pool size set on the default before that is
+    lost), with a pool sized for the operator's concurrency."""
+    from kubernetes import client
+
     cfg = client.Configuration.get_default_copy()
-    cfg.connection_pool_maxsize = SETTINGS.reconcile_workers + SETTINGS.api_concurrency + 4
-    client.Configuration.set_default(cfg)
+    cfg.connection_pool_maxsize = connection_pool_size(SETTINGS)
+    return client.ApiClient(cfg)
 
 
 def _reconcile(kind: str, namespace: str, name: str) -> None:
