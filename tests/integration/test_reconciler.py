@@ -207,6 +207,16 @@ class DiesAfterDeletes(Kube):
         return done
 
 
+def _gang_with_a_failed_worker(kube: Kube, reconciler: Reconciler, namespace: str, name: str, message: str) -> None:
+    """A 2-pod gang created (never scheduled), then its worker-1 failed with exit code 1 and `message`."""
+    kube.create(pretrain_job(name, namespace, resources=UNSCHEDULABLE))
+    _reconcile_until_created(reconciler, namespace, name)
+    failed = {"phase": "Failed", "containerStatuses": [{
+        "name": "trainer", "ready": False, "restartCount": 0, "image": "x", "imageID": "",
+        "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": message}}}]}
+    kube.merge_patch(RESOURCES["Pod"], namespace, f"{name}-worker-1", {"status": failed}, subresource="status")
+
+
 def test_a_crash_between_pod_deletion_and_status_write_keeps_the_failure(cluster, namespace):
     """A worker failed; the operator deletes the gang and dies before anything else. The restarted operator
     must still count a failure (restart budget), not lose it or take it for a preemption."""
@@ -214,12 +224,7 @@ def test_a_crash_between_pod_deletion_and_status_write_keeps_the_failure(cluster
 
     kube = Kube(cluster.api_client())
     reconciler = Reconciler(kube, OperatorSettings())
-    kube.create(pretrain_job("crashy", namespace, resources=UNSCHEDULABLE))
-    _reconcile_until_created(reconciler, namespace, "crashy")
-    failed = {"phase": "Failed", "containerStatuses": [{
-        "name": "trainer", "ready": False, "restartCount": 0, "image": "x", "imageID": "",
-        "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": "NCCL timeout"}}}]}
-    kube.merge_patch(RESOURCES["Pod"], namespace, "crashy-worker-1", {"status": failed}, subresource="status")
+    _gang_with_a_failed_worker(kube, reconciler, namespace, "crashy", "NCCL timeout")
 
     dying = Reconciler(DiesAfterDeletes(cluster.api_client(), n=2), OperatorSettings())
     try:
@@ -251,12 +256,7 @@ def test_the_survivors_of_a_failed_pod_are_deleted_with_a_short_grace(cluster, n
 
     kube = RecordsPodDeletes(cluster.api_client())
     reconciler = Reconciler(kube, OperatorSettings())
-    kube.create(pretrain_job("lossy", namespace, resources=UNSCHEDULABLE))
-    _reconcile_until_created(reconciler, namespace, "lossy")
-    failed = {"phase": "Failed", "containerStatuses": [{
-        "name": "trainer", "ready": False, "restartCount": 0, "image": "x", "imageID": "",
-        "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": "gloo: connection reset"}}}]}
-    kube.merge_patch(RESOURCES["Pod"], namespace, "lossy-worker-1", {"status": failed}, subresource="status")
+    _gang_with_a_failed_worker(kube, reconciler, namespace, "lossy", "gloo: connection reset")
     reconciler.reconcile("PretrainJob", namespace, "lossy")
     assert kube.graces == {"lossy-worker-0": SURVIVOR_GRACE_S, "lossy-worker-1": SURVIVOR_GRACE_S}
     assert kube.get(RESOURCES["PretrainJob"], namespace, "lossy")["status"]["restarts"] == 1
